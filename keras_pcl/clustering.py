@@ -1,0 +1,397 @@
+"""The E-step math of PCL: k-means and the concentration phi, as TensorFlow graphs.
+
+`kmeans` is Lloyd's algorithm written for speed on large N and K:
+
+* points are scored in tiles of `tile_size` rows against all centroids
+  (`x.c - |c|^2 / 2`), so memory is O(tile_size x K), never N x K;
+* new centroids come from one segment sum over all points;
+* the loop stops once fewer than `tol` of the points change cluster, as
+  faiss and scikit-learn stop when assignments settle;
+* empty clusters are re-seeded by splitting the largest clusters, as faiss does;
+* restarts keep the run with the lowest objective.
+
+Compilation (`jit_compile="auto"`): XLA where a GPU or TPU is visible, plain
+TF graph mode on CPU. On CPU, graph mode runs the distance matmul in
+bfloat16 when the processor has AMX/AVX512-BF16 (oneDNN uses it; XLA's CPU
+backend does not); the chosen assignment's distance is then recomputed
+exactly in float32, so objectives and phi are float32-exact for the chosen
+assignment. See bench/RESULTS.md for the measurements behind these defaults.
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+# faiss's relative perturbation when splitting a cluster to fill an empty one.
+_SPLIT_EPS = 1.0 / 1024.0
+
+
+def accelerator_available():
+    """True when TensorFlow sees a GPU or TPU."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def resolve_jit_compile(jit_compile):
+    """Maps "auto"/True/False to a bool: "auto" means XLA only on GPU/TPU."""
+    if jit_compile == "auto":
+        return accelerator_available()
+    if jit_compile in (True, False):
+        return jit_compile
+    raise ValueError(f'jit_compile must be "auto", True or False, got {jit_compile!r}.')
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_bfloat16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_matmul_dtype(matmul_dtype, jit):
+    """ "auto": bfloat16 in CPU graph mode on processors with bf16 units, else float32."""
+    if matmul_dtype == "auto":
+        use_bf16 = not jit and not accelerator_available() and _cpu_has_fast_bfloat16()
+        return tf.bfloat16 if use_bf16 else tf.float32
+    return tf.as_dtype(matmul_dtype)
+
+
+def _assign(points, centroids, tile_size, matmul_dtype):
+    """Nearest centroid of each point, tile by tile.
+
+    Args:
+        points: `[n_tiles * tile_size, d]` float32 (padded).
+        centroids: `[K, d]` float32.
+
+    Returns:
+        `(assignments [N_pad] int32, squared_distances [N_pad] float32)`.
+    """
+    dim = tf.shape(points)[1]
+    tiles = tf.reshape(points, [-1, tile_size, dim])
+    half_sq_norm = 0.5 * tf.reduce_sum(tf.square(centroids), axis=1)
+    centroids_m = tf.cast(centroids, matmul_dtype)
+
+    def assign_tile(tile):
+        scores = tf.matmul(tf.cast(tile, matmul_dtype), centroids_m, transpose_b=True)
+        scores = tf.cast(scores, tf.float32) - half_sq_norm[None, :]
+        nearest = tf.argmax(scores, axis=1, output_type=tf.int32)
+        # Exact float32 distance to the chosen centroid, whatever the matmul dtype.
+        sq_dist = tf.reduce_sum(tf.square(tile - tf.gather(centroids, nearest)), axis=1)
+        return nearest, sq_dist
+
+    nearest, sq_dist = tf.map_fn(
+        assign_tile, tiles, fn_output_signature=(tf.int32, tf.float32)
+    )
+    return tf.reshape(nearest, [-1]), tf.reshape(sq_dist, [-1])
+
+
+def _update(points, assignments, centroids):
+    """Cluster means; empty clusters take half of a large cluster (faiss-style split)."""
+    num_clusters = tf.shape(centroids)[0]
+    sums = tf.math.unsorted_segment_sum(points, assignments, num_clusters)
+    counts = tf.math.unsorted_segment_sum(
+        tf.ones_like(assignments, tf.float32), assignments, num_clusters
+    )
+    means = sums / tf.maximum(counts, 1.0)[:, None]
+    empty = counts < 0.5
+    # The i-th empty cluster splits the i-th largest cluster: both get its
+    # centroid, pushed apart by a small symmetric perturbation.
+    rank = tf.cumsum(tf.cast(empty, tf.int32)) - 1
+    largest_first = tf.argsort(counts, direction="DESCENDING", stable=True)
+    donor = tf.gather(largest_first, tf.clip_by_value(rank, 0, num_clusters - 1))
+    dim = tf.shape(points)[1]
+    signs = tf.cast(1 - 2 * (tf.range(dim) % 2), tf.float32)[None, :]
+    from_donor = tf.gather(means, donor) * (1.0 + _SPLIT_EPS * signs)
+    is_donor = tf.scatter_nd(
+        donor[:, None], tf.cast(empty, tf.int32), [num_clusters]
+    ) > 0
+    new = tf.where(empty[:, None], from_donor, means)
+    return tf.where(is_donor[:, None] & ~empty[:, None], means * (1.0 - _SPLIT_EPS * signs), new)
+
+
+def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype):
+    """One k-means run from `init_centroids`; returns (centroids, assignments, objective)."""
+    num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
+
+    def assign(centroids):
+        nearest, sq_dist = _assign(points, centroids, tile_size, matmul_dtype)
+        nearest = tf.where(valid, nearest, -1)  # padding rows join no cluster
+        return nearest, tf.reduce_sum(tf.where(valid, sq_dist, 0.0))
+
+    assignments, objective = assign(init_centroids)
+
+    def body(step, centroids, assignments, objective, changed):
+        centroids = _update(points, assignments, centroids)
+        new_assignments, objective = assign(centroids)
+        changed = tf.reduce_sum(tf.cast(new_assignments != assignments, tf.float32)) / num_valid
+        return step + 1, centroids, new_assignments, objective, changed
+
+    def cond(step, centroids, assignments, objective, changed):
+        return (step < num_iters) & (changed > tol)
+
+    _, centroids, assignments, objective, _ = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), init_centroids, assignments, objective, tf.constant(np.inf, tf.float32)),
+    )
+    return centroids, assignments, objective
+
+
+def _kmeans_plus_plus(points, num_clusters, seed):
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): each new centre is drawn
+    with probability proportional to its squared distance to the nearest chosen one."""
+    num_points = tf.shape(points)[0]
+    first = tf.random.stateless_uniform([], seed=seed, maxval=num_points, dtype=tf.int32)
+    centres = tf.tensor_scatter_nd_update(
+        tf.zeros([num_clusters, points.shape[1]]), [[0]], points[first][None]
+    )
+    nearest_sq = tf.reduce_sum(tf.square(points - points[first]), axis=1)
+
+    def body(i, centres, nearest_sq):
+        logits = tf.math.log(tf.maximum(nearest_sq, 1e-30))[None, :]
+        pick = tf.random.stateless_categorical(logits, 1, seed=seed + i, dtype=tf.int32)[0, 0]
+        centres = tf.tensor_scatter_nd_update(centres, [[i]], points[pick][None])
+        sq = tf.reduce_sum(tf.square(points - points[pick]), axis=1)
+        return i + 1, centres, tf.minimum(nearest_sq, sq)
+
+    _, centres, _ = tf.while_loop(
+        lambda i, *_: i < num_clusters, body, (tf.constant(1), centres, nearest_sq)
+    )
+    return centres
+
+
+def _pad_to_tiles(points, tile_size):
+    num_points = tf.shape(points)[0]
+    padded = (num_points + tile_size - 1) // tile_size * tile_size
+    points = tf.pad(points, [[0, padded - num_points], [0, 0]])
+    return points, tf.range(padded) < num_points
+
+
+def kmeans_graph(
+    features,
+    num_clusters,
+    num_iters=20,
+    num_restarts=1,
+    seed=0,
+    tol=1e-3,
+    tile_size=4096,
+    max_points_per_centroid=1000,
+    init="random",
+    matmul_dtype=tf.float32,
+):
+    """`kmeans` as plain TensorFlow ops, to be called inside a `tf.function`.
+
+    Returns `(centroids [K, d], assignments [N] int32, objective)` where
+    objective is the sum of squared distances of all N points.
+    """
+    features = tf.convert_to_tensor(features, tf.float32)
+    num_points = features.shape[0]
+    if num_points is None:
+        raise ValueError("kmeans needs a static number of points.")
+    if not 1 <= num_clusters <= num_points:
+        raise ValueError(
+            f"num_clusters={num_clusters} must be between 1 and the number of points ({num_points})."
+        )
+    tile_size = int(min(tile_size, max(num_points, 1)))
+    all_points, all_valid = _pad_to_tiles(features, tile_size)
+    best = None
+    for restart in range(num_restarts):
+        run_seed = tf.constant([seed, restart], tf.int32)
+        # As faiss (and the reference), train on at most max_points_per_centroid * K points.
+        train = features
+        if max_points_per_centroid and num_points > max_points_per_centroid * num_clusters:
+            keep = tf.math.top_k(
+                tf.random.stateless_uniform([num_points], seed=run_seed + 7),
+                max_points_per_centroid * num_clusters,
+            ).indices
+            train = tf.gather(features, keep)
+        if not isinstance(init, str):  # explicit initial centroids
+            init_centroids = tf.convert_to_tensor(init, tf.float32)
+        elif init == "random":  # K distinct points, as faiss and the reference
+            init_centroids = tf.gather(train, tf.math.top_k(
+                tf.random.stateless_uniform([tf.shape(train)[0]], seed=run_seed), num_clusters
+            ).indices)
+        else:
+            init_centroids = _kmeans_plus_plus(train, num_clusters, run_seed)
+        points, valid = (
+            (all_points, all_valid) if train is features else _pad_to_tiles(train, tile_size)
+        )
+        centroids, assignments, objective = _lloyd(
+            points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype
+        )
+        if train is not features:
+            assignments, sq_dist = _assign(all_points, centroids, tile_size, matmul_dtype)
+            objective = tf.reduce_sum(tf.where(all_valid, sq_dist, 0.0))
+        assignments = assignments[:num_points]
+        if best is None:
+            best = (centroids, assignments, objective)
+        else:
+            better = objective < best[2]
+            best = tuple(tf.where(better, new, old) for new, old in zip((centroids, assignments, objective), best))
+    return best
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_kmeans(jit, **options):
+    return tf.function(functools.partial(kmeans_graph, **options), jit_compile=jit)
+
+
+def kmeans(
+    features,
+    num_clusters,
+    num_iters=20,
+    num_restarts=1,
+    seed=0,
+    tol=1e-3,
+    tile_size=4096,
+    max_points_per_centroid=1000,
+    init="random",
+    jit_compile="auto",
+    matmul_dtype="auto",
+    return_objective=False,
+):
+    """Euclidean k-means (Lloyd), as the PCL reference runs it with faiss.
+
+    Args:
+        features: `[N, d]` numpy array or tensor (PCL passes L2-normalised rows).
+        num_clusters: `K`, between 1 and N.
+        num_iters: at most this many Lloyd iterations (the reference uses 20).
+        num_restarts: runs from different random initial centroids; the one
+            with the lowest objective is kept (the reference uses 5).
+        seed: int; restart `i` uses seed `(seed, i)`.
+        tol: stop once at most this fraction of points changes cluster in an
+            iteration; `0` runs exactly `num_iters` iterations.
+        tile_size: rows scored at once; memory is O(tile_size x K).
+        max_points_per_centroid: train on a random subset of at most this many
+            points per centroid (faiss' and the reference's 1000), then assign
+            all points. `None` uses all points.
+        init: "random" (K distinct points, as faiss and the reference; cheap
+            for large K) or "k-means++" (better on well-separated data, but
+            K sequential passes over the points), or a `[K, d]` array of
+            initial centroids (then `num_restarts` must be 1).
+        jit_compile: "auto" (XLA on GPU/TPU, graph mode on CPU), True or False.
+        matmul_dtype: dtype of the distance matmul; "auto" picks bfloat16 in
+            CPU graph mode on processors with bf16 units, float32 otherwise.
+        return_objective: also return the sum of squared distances.
+
+    Returns:
+        `(centroids [K, d], assignments [N])`, plus the objective when asked.
+        Centroids are cluster means (not re-normalised). Numpy in, numpy out.
+    """
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}.")
+    if num_restarts < 1:
+        raise ValueError(f"num_restarts must be >= 1, got {num_restarts}.")
+    if isinstance(init, str):
+        if init not in ("random", "k-means++"):
+            raise ValueError(f'init must be "random", "k-means++" or a [K, d] array, got {init!r}.')
+    else:
+        init = np.asarray(init, np.float32)
+        if init.shape != (num_clusters, np.shape(features)[1]):
+            raise ValueError(f"init centroids must have shape ({num_clusters}, d), got {init.shape}.")
+        if num_restarts != 1:
+            raise ValueError("explicit init centroids allow only num_restarts=1.")
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"tol must be in [0, 1), got {tol}.")
+    jit = resolve_jit_compile(jit_compile)
+    options = dict(
+        num_clusters=int(num_clusters),
+        num_iters=int(num_iters),
+        num_restarts=int(num_restarts),
+        seed=int(seed),
+        tol=float(tol),
+        tile_size=int(tile_size),
+        max_points_per_centroid=max_points_per_centroid,
+        init=init,
+        matmul_dtype=resolve_matmul_dtype(matmul_dtype, jit),
+    )
+    as_numpy = not tf.is_tensor(features)
+    if not tf.executing_eagerly():
+        centroids, assignments, objective = kmeans_graph(features, **options)
+    else:
+        features = tf.convert_to_tensor(features, tf.float32)
+        if isinstance(init, str):
+            compiled = _compiled_kmeans(jit, **options)
+        else:
+            compiled = tf.function(functools.partial(kmeans_graph, **options), jit_compile=jit)
+        centroids, assignments, objective = compiled(features)
+    result = (centroids, assignments, objective)
+    if as_numpy:
+        result = tuple(t.numpy() for t in result)
+    return result if return_objective else result[:2]
+
+
+def _percentile(values, q):
+    """Linear-interpolation percentile, as numpy's default."""
+    ordered = tf.sort(values)
+    position = q / 100.0 * tf.cast(tf.size(values) - 1, tf.float32)
+    low = tf.cast(tf.floor(position), tf.int32)
+    high = tf.cast(tf.math.ceil(position), tf.int32)
+    frac = position - tf.floor(position)
+    return tf.gather(ordered, low) * (1.0 - frac) + tf.gather(ordered, high) * frac
+
+
+def concentration(features, centroids, assignments, temperature=0.2, alpha=10.0):
+    """Concentration phi of each cluster, exactly as the PCL reference computes it.
+
+    For cluster c with Z members at distances `dist_z` (Euclidean) from its
+    centroid: `phi_c = mean(dist_z) / log(Z + alpha)` when Z > 1; clusters
+    with Z <= 1 take the largest phi of the others. phi is then clipped to its
+    10th..90th percentile and rescaled so that `mean(phi) == temperature`.
+    One guard beyond the reference: phi is floored at `temperature / 100`, so
+    a cluster of identical points cannot give infinite logits.
+
+    Args:
+        features: `[N, d]` points.
+        centroids: `[K, d]` centroids (distances are taken to these as given).
+        assignments: `[N]` int cluster of each point.
+        temperature: the target mean of phi.
+        alpha: smoothing of the log (10 in the reference).
+
+    Returns:
+        `[K]` float32 phi (numpy if `features` is numpy).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    as_numpy = not tf.is_tensor(features)
+    features = tf.convert_to_tensor(features, tf.float32)
+    centroids = tf.convert_to_tensor(centroids, tf.float32)
+    assignments = tf.cast(assignments, tf.int32)
+    num_clusters = tf.shape(centroids)[0]
+    dist = tf.sqrt(tf.reduce_sum(tf.square(features - tf.gather(centroids, assignments)), axis=1))
+    sizes = tf.math.unsorted_segment_sum(tf.ones_like(dist), assignments, num_clusters)
+    mean_dist = tf.math.unsorted_segment_sum(dist, assignments, num_clusters) / tf.maximum(sizes, 1.0)
+    several = sizes > 1.5
+    phi = tf.where(several, mean_dist / tf.math.log(sizes + alpha), 0.0)
+    phi = tf.where(several, phi, tf.reduce_max(phi))
+    phi = tf.clip_by_value(phi, _percentile(phi, 10.0), _percentile(phi, 90.0))
+    mean_phi = tf.reduce_mean(phi)
+    phi = tf.where(mean_phi > 0, temperature * phi / tf.maximum(mean_phi, 1e-30), temperature)
+    phi = tf.maximum(phi, temperature / 100.0)
+    return phi.numpy() if as_numpy else phi
+
+
+def prototype_estep(features, num_clusters, temperature=0.2, alpha=10.0, seed=0, **kmeans_options):
+    """The whole PCL E-step on precomputed features, one k-means per granularity.
+
+    Granularity m clusters with seed `seed + m` (the reference seeds by index),
+    phi is computed on the raw centroids, and the prototypes are
+    L2-normalised afterwards, as in the reference.
+
+    Args:
+        features: `[N, d]` L2-normalised momentum-encoder features.
+        num_clusters: sequence of K per granularity.
+        **kmeans_options: passed to `kmeans_graph`.
+
+    Returns:
+        List of `(prototypes [K_m, d], phi [K_m], assignments [N])` per granularity.
+    """
+    results = []
+    for m, k in enumerate(num_clusters):
+        centroids, assignments, _ = kmeans_graph(features, int(k), seed=seed + m, **kmeans_options)
+        phi = concentration(features, centroids, assignments, temperature, alpha)
+        results.append((tf.math.l2_normalize(centroids, axis=1), phi, assignments))
+    return results
