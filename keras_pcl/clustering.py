@@ -97,19 +97,20 @@ def _update(points, assignments, centroids):
     )
     means = sums / tf.maximum(counts, 1.0)[:, None]
     empty = counts < 0.5
-    # The i-th empty cluster splits the i-th largest cluster: both get its
-    # centroid, pushed apart by a small symmetric perturbation.
-    rank = tf.cumsum(tf.cast(empty, tf.int32)) - 1
+    # Empty clusters take the centroid of a large cluster (largest first, cycling
+    # over the clusters with at least two points), pushed apart from it by a small
+    # symmetric perturbation that grows with each reuse of the same donor.
+    num_splittable = tf.maximum(tf.reduce_sum(tf.cast(counts > 1.5, tf.int32)), 1)
+    rank = tf.maximum(tf.cumsum(tf.cast(empty, tf.int32)) - 1, 0)
     largest_first = tf.argsort(counts, direction="DESCENDING", stable=True)
-    donor = tf.gather(largest_first, tf.clip_by_value(rank, 0, num_clusters - 1))
+    donor = tf.gather(largest_first, rank % num_splittable)
+    reuse = tf.cast(rank // num_splittable + 1, tf.float32)[:, None]
     dim = tf.shape(points)[1]
     signs = tf.cast(1 - 2 * (tf.range(dim) % 2), tf.float32)[None, :]
-    from_donor = tf.gather(means, donor) * (1.0 + _SPLIT_EPS * signs)
-    is_donor = tf.scatter_nd(
-        donor[:, None], tf.cast(empty, tf.int32), [num_clusters]
-    ) > 0
-    new = tf.where(empty[:, None], from_donor, means)
-    return tf.where(is_donor[:, None] & ~empty[:, None], means * (1.0 - _SPLIT_EPS * signs), new)
+    from_donor = tf.gather(means, donor) * (1.0 + _SPLIT_EPS * reuse * signs)
+    is_donor = tf.scatter_nd(donor[:, None], tf.cast(empty, tf.int32), [num_clusters]) > 0
+    split = tf.where(is_donor[:, None] & ~empty[:, None], means * (1.0 - _SPLIT_EPS * signs), means)
+    return tf.where(empty[:, None], from_donor, split)
 
 
 def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype):

@@ -175,3 +175,13 @@ def test_prototype_estep_normalises_prototypes(rng):
         np.testing.assert_allclose(np.linalg.norm(prototypes.numpy(), axis=1), 1.0, rtol=1e-5)
         assert phi.numpy().mean() == pytest.approx(0.2, rel=1e-4)
         assert assignments.shape == (400,)
+
+
+def test_many_empty_clusters_never_leave_zero_centroids(rng):
+    """Collapsed features: two distinct points, ten clusters."""
+    x = np.repeat(np.eye(2, 4, dtype=np.float32), 50, axis=0) + rng.normal(0, 1e-3, (100, 4)).astype(np.float32)
+    init = np.concatenate([x[:1], x[-1:], np.full((8, 4), 40.0, np.float32)])
+    centroids, assignments = clustering.kmeans(x, 10, init=init, tol=0.0, matmul_dtype="float32")
+    norms = np.linalg.norm(centroids, axis=1)
+    assert norms.min() > 0.9 and norms.max() < 1.1
+    assert len(np.unique(assignments)) > 2  # the split clusters took points

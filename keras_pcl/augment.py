@@ -1,0 +1,197 @@
+"""Augmentations: the two layers Keras core lacks, and the PCL/MoCo presets.
+
+All layers take batches of float images in `[0, 1]`, shape `[B, H, W, C]`,
+and run inside `tf.data` (the TF backend) or in a model.
+"""
+
+import keras
+import tensorflow as tf
+
+_register = keras.saving.register_keras_serializable(package="keras_pcl")
+
+
+@_register
+class RandomResizedCrop(keras.layers.Layer):
+    """Crops a random area and aspect ratio of each image, resized to a fixed size.
+
+    The torchvision/Inception crop: area fraction drawn uniformly from
+    `scale`, log aspect ratio uniformly from `log(ratio)`; boxes that fall
+    outside the image are shrunk to fit. One box per image, drawn on device.
+
+    Args:
+        height, width: output size.
+        scale: `(min, max)` fraction of the image area to keep, `0 < min <= max <= 1`.
+        ratio: `(min, max)` aspect ratio (width / height) of the crop.
+        interpolation: "bilinear" or "nearest".
+        seed: optional int for reproducible crops.
+
+    Example:
+    >>> crop = RandomResizedCrop(28, 28, scale=(0.2, 1.0))
+    >>> crop(tf.random.uniform([4, 32, 32, 3])).shape
+    TensorShape([4, 28, 28, 3])
+    """
+
+    def __init__(self, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 interpolation="bilinear", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}.")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}.")
+        if interpolation not in ("bilinear", "nearest"):
+            raise ValueError(f'interpolation must be "bilinear" or "nearest", got {interpolation!r}.')
+        self.height, self.width = int(height), int(width)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.interpolation, self.seed = interpolation, seed
+        self._rng = tf.random.Generator.from_seed(seed) if seed is not None else None
+
+    def _uniform(self, shape, low, high):
+        if self._rng is not None:
+            return self._rng.uniform(shape, low, high)
+        return tf.random.uniform(shape, low, high)
+
+    def call(self, images, training=True):
+        images = tf.convert_to_tensor(images)
+        batch = tf.shape(images)[0]
+        if not training:
+            return tf.image.resize(images, [self.height, self.width], method=self.interpolation)
+        area = self._uniform([batch], self.scale[0], self.scale[1])
+        log_ratio = self._uniform(
+            [batch], tf.math.log(self.ratio[0]), tf.math.log(self.ratio[1])
+        )
+        ratio = tf.exp(log_ratio)
+        # Box sides as fractions of the image: w * h = area, w / h = ratio
+        # (in relative units, which is exact for square images).
+        crop_w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+        crop_h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+        y0 = self._uniform([batch], 0.0, 1.0) * (1.0 - crop_h)
+        x0 = self._uniform([batch], 0.0, 1.0) * (1.0 - crop_w)
+        boxes = tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
+        crops = tf.image.crop_and_resize(
+            tf.cast(images, tf.float32), boxes, tf.range(batch), [self.height, self.width],
+            method=self.interpolation,
+        )
+        return tf.cast(crops, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(height=self.height, width=self.width, scale=self.scale, ratio=self.ratio,
+                      interpolation=self.interpolation, seed=self.seed)
+        return config
+
+
+@_register
+class RandomApply(keras.layers.Layer):
+    """Applies `layer` to each image of a batch with probability `rate`.
+
+    The layer runs on the whole batch and each image keeps either the result
+    or its input, so per-image randomness costs one extra select.
+
+    Args:
+        layer: a Keras layer mapping `[B, H, W, C]` to the same shape.
+        rate: probability in `[0, 1]` of applying it to an image.
+        seed: optional int.
+
+    Example:
+    >>> jitter = keras.layers.RandomColorJitter(value_range=(0, 1), brightness_factor=0.4)
+    >>> RandomApply(jitter, rate=0.8)(tf.random.uniform([4, 8, 8, 3])).shape
+    TensorShape([4, 8, 8, 3])
+    """
+
+    def __init__(self, layer, rate=0.5, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}.")
+        if isinstance(layer, dict):
+            layer = keras.saving.deserialize_keras_object(layer)
+        self.layer, self.rate, self.seed = layer, float(rate), seed
+        self._rng = tf.random.Generator.from_seed(seed) if seed is not None else None
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+
+    def call(self, images, training=True):
+        if not training or self.rate == 0.0:
+            return images
+        transformed = self.layer(images, training=True)
+        batch = tf.shape(images)[0]
+        draws = self._rng.uniform([batch]) if self._rng is not None else tf.random.uniform([batch])
+        keep = tf.reshape(draws < self.rate, [-1, 1, 1, 1])
+        return tf.where(keep, tf.cast(transformed, images.dtype), images)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(layer=keras.saving.serialize_keras_object(self.layer), rate=self.rate, seed=self.seed)
+        return config
+
+
+def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate):
+    """Colour jitter (and grayscale) for RGB; brightness/contrast only for 1 channel."""
+    if channels == 3:
+        jitter = keras.layers.RandomColorJitter(
+            value_range=(0, 1), brightness_factor=brightness, contrast_factor=contrast,
+            saturation_factor=saturation, hue_factor=hue,
+        )
+    else:
+        jitter = keras.layers.RandomColorJitter(
+            value_range=(0, 1), brightness_factor=brightness, contrast_factor=contrast
+        )
+    layers = [RandomApply(jitter, jitter_rate) if jitter_rate < 1 else jitter]
+    if channels == 3 and grayscale_rate > 0:
+        layers.append(keras.layers.RandomGrayscale(factor=grayscale_rate))
+    return layers
+
+
+def _blur_kernel(image_size):
+    """About 10% of the image side, odd, at least 3 (the reference's 23 px at 224)."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0)):
+    """PCL v1 / MoCo v1 augmentation: crop, grayscale 0.2, jitter 0.4 x 4, flip.
+
+    Args:
+        image_size: output side in pixels (crops scale to small images).
+        channels: 1 (grayscale data: brightness and contrast only) or 3.
+        crop_scale: area range of RandomResizedCrop.
+
+    Returns:
+        A `keras.layers.Pipeline` mapping `[B, H, W, C]` in `[0, 1]` to views.
+    """
+    return keras.layers.Pipeline(
+        [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.4, jitter_rate=1.0, grayscale_rate=0.2)
+        + [keras.layers.RandomFlip("horizontal")],
+        name="pcl_v1_augment",
+    )
+
+
+def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0)):
+    """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
+    grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
+    blur = keras.layers.RandomGaussianBlur(
+        factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1)
+    )
+    return keras.layers.Pipeline(
+        [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
+        + [RandomApply(blur, 0.5), keras.layers.RandomFlip("horizontal")],
+        name="pcl_v2_augment",
+    )
+
+
+PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2}
+
+
+def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0)):
+    """Looks up a preset by name: one of `PRESETS`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name](image_size, channels, crop_scale)

@@ -1,0 +1,212 @@
+"""Encoders (ResNet-18/50 with a small-image stem, a tiny CNN) and projection heads.
+
+Every backbone maps images `[B, H, W, C]` (float, `[0, 1]`) to pooled
+features `[B, D]`. The `norm` argument picks the normalisation layer:
+
+* `"split"` (default): `SplitBatchNormalization`, batch statistics per group
+  of `num_splits` sub-batches. This is keras_pcl's single-device replacement
+  for MoCo's cross-GPU shuffle-BN: MoCo shuffles the key batch before the key
+  encoder, so a query and its key are normalised with statistics of different
+  sub-batches and the model cannot cheat through BN statistics. With split
+  BN the same happens on one device (and on each replica under a strategy).
+* `"batch"`: plain BatchNormalization (per-replica statistics);
+* `"sync_batch"`: BatchNormalization(synchronized=True), statistics across replicas;
+* `"none"`: no normalisation.
+"""
+
+import keras
+from keras import layers, ops
+
+_register = keras.saving.register_keras_serializable(package="keras_pcl")
+
+NORMS = ("split", "batch", "sync_batch", "none")
+
+
+@_register
+class SplitBatchNormalization(keras.layers.Layer):
+    """BatchNormalization whose training statistics are computed per sub-batch.
+
+    The batch (its size must be divisible by `num_splits`) is cut into
+    `num_splits` groups; each is normalised with its own mean and variance.
+    Moving statistics follow the average over groups. Inference uses the
+    moving statistics, as BatchNormalization does. Computes in float32.
+
+    Args:
+        num_splits: number of sub-batches (MoCo's GPUs per machine; 8 here).
+        momentum, epsilon: as in `keras.layers.BatchNormalization`.
+    """
+
+    def __init__(self, num_splits=8, momentum=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+        self.num_splits, self.momentum, self.epsilon = int(num_splits), momentum, epsilon
+
+    def build(self, input_shape):
+        channels = (input_shape[-1],)
+        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
+        # "mean" aggregation keeps the moving statistics identical across replicas.
+        self.moving_mean = self.add_weight(
+            shape=channels, initializer="zeros", trainable=False, name="moving_mean",
+            aggregation="mean", autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=channels, initializer="ones", trainable=False, name="moving_variance",
+            aggregation="mean", autocast=False,
+        )
+
+    def call(self, inputs, training=False):
+        dtype = inputs.dtype
+        x = ops.cast(inputs, "float32")
+        if training:
+            shape = ops.shape(x)
+            grouped = ops.reshape(x, (self.num_splits, -1) + tuple(shape[1:]))
+            axes = tuple(range(1, len(x.shape)))  # grouped rank is one more: all but group, channel
+            mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
+            y = ops.reshape((grouped - mean) * ops.rsqrt(variance + self.epsilon), shape)
+            batch_mean = ops.mean(ops.reshape(mean, (self.num_splits, -1)), axis=0)
+            batch_var = ops.mean(ops.reshape(variance, (self.num_splits, -1)), axis=0)
+            self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * batch_mean)
+            self.moving_variance.assign(
+                self.momentum * self.moving_variance + (1 - self.momentum) * batch_var
+            )
+        else:
+            y = (x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon)
+        y = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        return ops.cast(y, dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_splits=self.num_splits, momentum=self.momentum, epsilon=self.epsilon)
+        return config
+
+
+def normalization(norm, num_splits=8, name=None):
+    """The normalisation layer named by `norm` (see the module docstring)."""
+    if norm == "split":
+        return SplitBatchNormalization(num_splits, name=name)
+    if norm in ("batch", "sync_batch"):
+        return layers.BatchNormalization(
+            momentum=0.9, epsilon=1e-5, synchronized=norm == "sync_batch", name=name
+        )
+    if norm == "none":
+        return layers.Identity(name=name)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+
+
+def _conv(filters, kernel, stride, name):
+    return layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                         kernel_initializer="he_normal", name=name)
+
+
+def _basic_block(x, filters, stride, norm, num_splits, name):
+    shortcut = x
+    y = _conv(filters, 3, stride, f"{name}_conv1")(x)
+    y = layers.ReLU()(normalization(norm, num_splits, f"{name}_norm1")(y))
+    y = _conv(filters, 3, 1, f"{name}_conv2")(y)
+    y = normalization(norm, num_splits, f"{name}_norm2")(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = normalization(norm, num_splits, f"{name}_down_norm")(
+            _conv(filters, 1, stride, f"{name}_down_conv")(x)
+        )
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def _bottleneck_block(x, filters, stride, norm, num_splits, name):
+    shortcut = x
+    y = layers.ReLU()(normalization(norm, num_splits, f"{name}_norm1")(_conv(filters, 1, 1, f"{name}_conv1")(x)))
+    y = layers.ReLU()(normalization(norm, num_splits, f"{name}_norm2")(_conv(filters, 3, stride, f"{name}_conv2")(y)))
+    y = normalization(norm, num_splits, f"{name}_norm3")(_conv(4 * filters, 1, 1, f"{name}_conv3")(y))
+    if stride != 1 or x.shape[-1] != 4 * filters:
+        shortcut = normalization(norm, num_splits, f"{name}_down_norm")(
+            _conv(4 * filters, 1, stride, f"{name}_down_conv")(x)
+        )
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def resnet(input_shape, blocks_per_stage, widths, bottleneck=False, small_images=True,
+           stem_stride=1, norm="split", num_splits=8, name="resnet"):
+    """A ResNet (He et al., 2016) returning globally pooled features.
+
+    Args:
+        input_shape: `(H, W, C)`.
+        blocks_per_stage: blocks in each stage, e.g. `(2, 2, 2, 2)`.
+        widths: channels of each stage, e.g. `(64, 128, 256, 512)`.
+        bottleneck: bottleneck blocks (ResNet-50) instead of basic blocks.
+        small_images: CIFAR-style stem (3x3 conv, no max-pool) instead of the
+            ImageNet stem (7x7 stride-2 conv and max-pool).
+        stem_stride: stride of the small-image stem conv (2 quarters the cost
+            on 28-32 px images).
+        norm, num_splits: normalisation, see the module docstring.
+    """
+    inputs = keras.Input(input_shape, name="images")
+    if small_images:
+        x = _conv(widths[0], 3, stem_stride, "stem_conv")(inputs)
+    else:
+        x = _conv(widths[0], 7, 2, "stem_conv")(inputs)
+    x = layers.ReLU()(normalization(norm, num_splits, "stem_norm")(x))
+    if not small_images:
+        x = layers.MaxPooling2D(3, 2, padding="same")(x)
+    block = _bottleneck_block if bottleneck else _basic_block
+    for stage, (count, width) in enumerate(zip(blocks_per_stage, widths)):
+        for i in range(count):
+            stride = 2 if stage > 0 and i == 0 else 1
+            x = block(x, width, stride, norm, num_splits, f"stage{stage + 1}_block{i + 1}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def resnet18(input_shape=(32, 32, 3), small_images=True, width=64, stem_stride=1, norm="split",
+             num_splits=8):
+    """ResNet-18: basic blocks (2, 2, 2, 2), features `[B, 8 * width]` (512)."""
+    return resnet(input_shape, (2, 2, 2, 2), [width * m for m in (1, 2, 4, 8)],
+                  small_images=small_images, stem_stride=stem_stride, norm=norm,
+                  num_splits=num_splits, name="resnet18")
+
+
+def resnet50(input_shape=(224, 224, 3), small_images=False, width=64, stem_stride=1, norm="split",
+             num_splits=8):
+    """ResNet-50: bottleneck blocks (3, 4, 6, 3), features `[B, 32 * width]` (2048)."""
+    return resnet(input_shape, (3, 4, 6, 3), [width * m for m in (1, 2, 4, 8)], bottleneck=True,
+                  small_images=small_images, stem_stride=stem_stride, norm=norm,
+                  num_splits=num_splits, name="resnet50")
+
+
+def small_resnet(input_shape=(28, 28, 1), width=32, norm="split", num_splits=8):
+    """A small ResNet for 28-32 px images on CPU: stride-2 3x3 stem, stages
+    (width, 2w, 4w) of 2 basic blocks; features `[B, 4 * width]`."""
+    return resnet(input_shape, (2, 2, 2), [width, 2 * width, 4 * width], small_images=True,
+                  stem_stride=2, norm=norm, num_splits=num_splits, name="small_resnet")
+
+
+def small_cnn(input_shape=(8, 8, 1), width=32, norm="split", num_splits=2):
+    """A tiny CNN for tests and quick CPU runs: two 3x3 conv blocks and pooling;
+    features `[B, 2 * width]`."""
+    inputs = keras.Input(input_shape, name="images")
+    x = inputs
+    for i, filters in enumerate((width, 2 * width)):
+        x = _conv(filters, 3, 1 if i == 0 else 2, f"conv{i + 1}")(x)
+        x = layers.ReLU()(normalization(norm, num_splits, f"norm{i + 1}")(x))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def linear_head(embedding_dim=128, name="linear_head"):
+    """PCL/MoCo v1 head: one linear layer to `embedding_dim`."""
+    return keras.Sequential([layers.Dense(embedding_dim, name="fc")], name=name)
+
+
+def mlp_head(embedding_dim=128, hidden_dim=2048, name="mlp_head"):
+    """PCL/MoCo v2 head: Linear(hidden) -> ReLU -> Linear(embedding_dim), no BatchNorm."""
+    return keras.Sequential(
+        [layers.Dense(hidden_dim, activation="relu", name="fc1"), layers.Dense(embedding_dim, name="fc2")],
+        name=name,
+    )
+
+
+BACKBONES = {"small_cnn": small_cnn, "small_resnet": small_resnet, "resnet18": resnet18,
+             "resnet50": resnet50}

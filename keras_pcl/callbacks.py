@@ -1,0 +1,147 @@
+"""Callbacks: `PrototypeUpdate`, PCL's E-step."""
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+from keras_pcl import clustering
+
+
+def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0):
+    """Embeds every image of an `(image, index, ...)` dataset, rows in index order.
+
+    Under a multi-replica strategy the batches are spread over replicas and
+    gathered back; rows are placed by index, so order and uneven last batches
+    never matter.
+
+    Returns:
+        `[num_samples, d]` float32 tensor.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    distributed = strategy.num_replicas_in_sync > 1
+
+    @tf.function
+    def step(batch):
+        images, index = batch[0], batch[1]
+        return tf.cast(embed_fn(images), tf.float32), tf.cast(index, tf.int32)
+
+    progress = keras.utils.Progbar(num_samples, unit_name="image") if verbose else None
+    rows, indices = [], []
+    if distributed:
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    for batch in dataset:
+        if distributed:
+            features, index = strategy.run(step, args=(batch,))
+            features, index = strategy.gather(features, axis=0), strategy.gather(index, axis=0)
+        else:
+            features, index = step(batch)
+        rows.append(features)
+        indices.append(index)
+        if progress is not None:
+            progress.add(int(index.shape[0]))
+    features, index = tf.concat(rows, axis=0), tf.concat(indices, axis=0)
+    seen = np.zeros(num_samples, bool)
+    index_np = index.numpy()
+    if index_np.min() < 0 or index_np.max() >= num_samples:
+        raise ValueError(f"dataset indices must lie in [0, {num_samples}); got {index_np.min()}..{index_np.max()}.")
+    seen[index_np] = True
+    if not seen.all():
+        raise ValueError(
+            f"the E-step dataset covered {seen.sum()} of {num_samples} samples; pass the whole "
+            "training set, unshuffled and without dropping the last batch (keras_pcl.data.eval_dataset)."
+        )
+    return tf.scatter_nd(index[:, None], features, [num_samples, features.shape[1]])
+
+
+class PrototypeUpdate(keras.callbacks.Callback):
+    """PCL's E-step: clusters the momentum-encoder embeddings at the start of each epoch.
+
+    From epoch `model.warmup_epochs` on (every `every_n_epochs` epochs), it
+    embeds every training image with the momentum encoder and the evaluation
+    transform, runs k-means for each K in `model.num_clusters` and computes
+    the concentration phi, all as one compiled TensorFlow function, then
+    writes prototypes, phi and assignments into the model.
+
+    Args:
+        dataset: the training images as `(image, index)` batches with the
+            evaluation transform (`keras_pcl.data.eval_dataset(images)`).
+        every_n_epochs: E-step frequency after the warm-up (1 in the reference).
+        num_iters, num_restarts, tol, init: k-means options (`keras_pcl.clustering.kmeans`).
+        alpha: phi smoothing (10 in the reference).
+        jit_compile: "auto" (XLA on GPU/TPU, TF graph mode on CPU), True or False.
+        seed: k-means seed; granularity m uses `seed + m` (as the reference).
+        verbose: 1 prints progress and a one-line summary per E-step.
+
+    After each E-step `self.stats` holds, per granularity, cluster-size and
+    phi statistics; they are also added to the epoch logs (TensorBoard).
+
+    Example:
+    >>> update = PrototypeUpdate(keras_pcl.data.eval_dataset(images))
+    >>> model.fit(train_ds, epochs=20, callbacks=[update])  # doctest: +SKIP
+    """
+
+    def __init__(self, dataset, every_n_epochs=1, num_iters=20, num_restarts=1, tol=1e-3,
+                 init="random", alpha=10.0, jit_compile="auto", seed=0, verbose=1):
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        self.dataset, self.every_n_epochs = dataset, int(every_n_epochs)
+        self.kmeans_options = dict(num_iters=int(num_iters), num_restarts=int(num_restarts),
+                                   tol=float(tol), init=init)
+        self.alpha, self.jit_compile, self.seed, self.verbose = alpha, jit_compile, seed, verbose
+        self.stats = {}
+        self._estep_fn = None
+
+    def _compiled_estep(self, model):
+        jit = clustering.resolve_jit_compile(self.jit_compile)
+        options = dict(self.kmeans_options, matmul_dtype=clustering.resolve_matmul_dtype("auto", jit))
+
+        def estep(features):
+            return clustering.prototype_estep(
+                features, model.num_clusters, temperature=model.temperature, alpha=self.alpha,
+                seed=self.seed, **options,
+            )
+
+        return tf.function(estep, jit_compile=jit)
+
+    def should_run(self, epoch):
+        start = self.model.warmup_epochs
+        return epoch >= start and (epoch - start) % self.every_n_epochs == 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.should_run(epoch):
+            self.run_estep()
+
+    def run_estep(self):
+        """Embeds, clusters and updates the model now; returns the per-granularity results."""
+        model = self.model
+        if self._estep_fn is None:
+            self._estep_fn = self._compiled_estep(model)
+        if self.verbose:
+            print(f"E-step: embedding {model.num_samples} images with the momentum encoder")
+        features = embed_dataset(
+            model.embed_keys, self.dataset, model.num_samples,
+            strategy=model.distribute_strategy, verbose=self.verbose,
+        )
+        results = self._estep_fn(features)
+        model.set_prototypes(results)
+        self.stats = {}
+        for k, (_, phi, assignments) in zip(model.num_clusters, results):
+            sizes = np.bincount(assignments.numpy(), minlength=k)
+            self.stats.update({
+                f"k{k}_empty_clusters": float((sizes == 0).sum()),
+                f"k{k}_largest_cluster": float(sizes.max()),
+                f"k{k}_phi_min": float(np.min(phi)),
+                f"k{k}_phi_max": float(np.max(phi)),
+            })
+        if self.verbose:
+            print("E-step: " + ", ".join(
+                f"K={k}: {int(self.stats[f'k{k}_empty_clusters'])} empty, largest "
+                f"{int(self.stats[f'k{k}_largest_cluster'])}, phi "
+                f"{self.stats[f'k{k}_phi_min']:.3f}-{self.stats[f'k{k}_phi_max']:.3f}"
+                for k in model.num_clusters))
+        return results
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.stats:
+            logs.update(self.stats)

@@ -1,0 +1,144 @@
+"""The train_step skeleton every method shares, and the cross-replica helpers.
+
+A method subclasses `ContrastiveModel` and writes two things:
+
+* `forward(views, index, training)`: returns `(losses, outputs)` where
+  `losses` maps a loss-term name to a per-sample `[B]` tensor (the total loss
+  is the sum of their batch means) and `outputs` carries what the method
+  needs afterwards (keys to enqueue, accuracies);
+* `after_step(outputs)`: state updates done once per global step after the
+  gradients are applied (EMA, queue), written with `apply_once`.
+
+The skeleton does the rest: gradient tape, loss scaling under a strategy,
+mixed precision, the optimizer step on `query_variables`, and metrics.
+"""
+
+import keras
+import tensorflow as tf
+
+
+def num_replicas():
+    """Replicas in sync under the current strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def gather_across_replicas(tensor):
+    """Concatenates `tensor` from all replicas along axis 0 (identity on one replica).
+
+    Inside `train_step` under a strategy every replica then holds the same
+    global tensor, so state derived from it (the queue) stays identical.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensor
+    return context.all_gather(tensor, axis=0)
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def apply_once(assignments):
+    """Assigns `[(variable, new_value), ...]` once per global step, on every replica.
+
+    Under a strategy, writing a mirrored variable from the replica context
+    does not keep the copies equal; this goes through `merge_call` and
+    `strategy.extended.update`, so each replica's copy receives that replica's
+    value. Callers pass values that are already equal across replicas
+    (computed from mirrored weights or from `gather_across_replicas`).
+    """
+    variables = [variable for variable, _ in assignments]
+    values = [value for _, value in assignments]
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        return
+
+    def merge_fn(strategy, *values):
+        for variable, value in zip(variables, values):
+            strategy.extended.update(
+                _tf_variable(variable), lambda var, val: var.assign(val), args=(value,)
+            )
+
+    context.merge_call(merge_fn, args=tuple(values))
+
+
+def l2_normalize(x):
+    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+
+class ContrastiveModel(keras.Model):
+    """Base of keras_pcl's self-supervised models (not used directly).
+
+    Training data is `((view1, view2), index)`: two augmented views of each
+    image and the image's index in the dataset (`keras_pcl.data` builds it).
+
+    Subclasses set `self.loss_names` and `self.metric_names` before calling
+    `_create_trackers()`; `query_variables` are the weights the optimizer
+    updates (the momentum/key encoders are excluded).
+    """
+
+    loss_names = ("loss",)
+    metric_names = ()
+
+    def _create_trackers(self):
+        self._trackers = {
+            name: keras.metrics.Mean(name=name) for name in ("loss",) + tuple(self.loss_names)
+        }
+        self._trackers.update({name: keras.metrics.Mean(name=name) for name in self.metric_names})
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    @property
+    def query_variables(self):
+        return self.trainable_variables
+
+    def forward(self, views, index, training):
+        raise NotImplementedError
+
+    def after_step(self, outputs):
+        pass
+
+    def _unpack(self, data):
+        x, index, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if not isinstance(x, (tuple, list)) or len(x) != 2:
+            raise ValueError(
+                f"{type(self).__name__} trains on ((view1, view2), index) batches; "
+                "build the dataset with keras_pcl.data.contrastive_dataset()."
+            )
+        return tuple(x), index
+
+    def train_step(self, data):
+        views, index = self._unpack(data)
+        with tf.GradientTape() as tape:
+            losses, outputs = self.forward(views, index, training=True)
+            terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
+            loss = tf.add_n(list(terms.values()))
+            # Keras sums gradients over replicas; the step should average them.
+            scaled = loss / num_replicas()
+            if hasattr(self.optimizer, "scale_loss"):
+                scaled = self.optimizer.scale_loss(scaled)
+        variables = self.query_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self.after_step(outputs)
+        self._trackers["loss"].update_state(loss)
+        for name, value in terms.items():
+            self._trackers[name].update_state(value)
+        for name in self.metric_names:
+            self._trackers[name].update_state(outputs[name])
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def test_step(self, data):
+        views, index = self._unpack(data)
+        losses, outputs = self.forward(views, index, training=False)
+        terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
+        self._trackers["loss"].update_state(tf.add_n(list(terms.values())))
+        for name, value in terms.items():
+            self._trackers[name].update_state(value)
+        for name in self.metric_names:
+            self._trackers[name].update_state(outputs[name])
+        return {name: tracker.result() for name, tracker in self._trackers.items()}

@@ -1,0 +1,197 @@
+"""MoCo: a momentum (EMA) key encoder, a queue of keys, and InfoNCE."""
+
+import copy
+
+import keras
+import tensorflow as tf
+
+from keras_pcl import losses
+from keras_pcl.models.base import (
+    ContrastiveModel,
+    apply_once,
+    gather_across_replicas,
+    l2_normalize,
+    num_replicas,
+)
+
+
+def _clone(model):
+    """A structural copy of `model` holding the same weight values."""
+    copy = keras.models.clone_model(model)
+    if not copy.built:
+        copy.build(model.input_shape if hasattr(model, "input_shape") else None)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _shuffled(fn, x, training):
+    """Runs `fn` on a randomly permuted batch and restores the order.
+
+    With split BatchNorm this is keras_pcl's shuffle-BN: a key is normalised
+    with a different sub-batch than its query (see keras_pcl.backbones).
+    """
+    permutation = tf.random.shuffle(tf.range(tf.shape(x)[0]))
+    y = fn(tf.gather(x, permutation), training=training)
+    return tf.gather(y, tf.math.invert_permutation(permutation))
+
+
+@keras.saving.register_keras_serializable(package="keras_pcl")
+class MoCo(ContrastiveModel):
+    """Momentum Contrast (v1 with a linear head, v2 with an MLP head).
+
+    The query encoder (`backbone` then `head`) is trained; the key encoder is
+    its exponential moving average. Keys from the second view are the
+    positives; a queue of past keys gives `queue_size` negatives. After each
+    step the keys of the whole global batch are enqueued, so under a
+    distribution strategy the negatives are global and every replica holds
+    the same queue.
+
+    Args:
+        backbone: `keras.Model` from images to features `[B, D]` (its input
+            shape must be known, e.g. from `keras_pcl.backbones`).
+        head: projection from features to embeddings `[B, d]`.
+        queue_size: number of negative keys `r`; a multiple of the global batch.
+        momentum: EMA coefficient of the key encoder, in `[0, 1)`.
+        temperature: InfoNCE temperature, > 0.
+        shuffle_keys: permute the key batch before the key encoder (the
+            shuffle-BN replacement; useful with `norm="split"`).
+        symmetric: also use view 2 as query against view 1's keys, averaging
+            both losses (MoCo v3 / SimCLR style); off in the reference.
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+    >>> from keras_pcl import backbones
+    >>> model = MoCo(backbones.small_cnn((8, 8, 1)), backbones.mlp_head(32, 64), queue_size=256)
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+
+    Reference: He et al., "Momentum Contrast for Unsupervised Visual
+    Representation Learning", CVPR 2020; Chen et al., "Improved Baselines with
+    Momentum Contrastive Learning" (v2), 2020.
+    """
+
+    loss_names = ("info_nce",)
+    metric_names = ("instance_acc",)
+
+    def __init__(self, backbone, head, queue_size=65536, momentum=0.999, temperature=0.2,
+                 shuffle_keys=True, symmetric=False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(backbone, dict):
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        if isinstance(head, dict):
+            head = keras.saving.deserialize_keras_object(head)
+        if not queue_size or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive integer, got {queue_size}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.backbone, self.head = backbone, head
+        self.queue_size, self.momentum, self.temperature = int(queue_size), float(momentum), float(temperature)
+        self.shuffle_keys, self.symmetric = bool(shuffle_keys), bool(symmetric)
+        if not head.built:
+            head.build(backbone.output_shape)
+        self.embedding_dim = head.compute_output_shape(backbone.output_shape)[-1]
+        self.key_backbone, self.key_head = _clone(backbone), _clone(head)
+        self.queue = self.add_weight(
+            shape=(self.queue_size, self.embedding_dim), name="queue", trainable=False,
+            initializer=keras.initializers.RandomNormal(seed=0),
+        )
+        self.queue.assign(tf.math.l2_normalize(self.queue, axis=1))
+        self.queue_pointer = self.add_weight(
+            shape=(), dtype="int32", name="queue_pointer", trainable=False, initializer="zeros"
+        )
+        self._create_trackers()
+        self.built = True  # every sublayer and state variable exists now
+
+    # The encoders ---------------------------------------------------------
+    @property
+    def query_variables(self):
+        return self.backbone.trainable_variables + self.head.trainable_variables
+
+    def embed(self, images, training=False):
+        """L2-normalised query embeddings `[B, d]`."""
+        return l2_normalize(self.head(self.backbone(images, training=training), training=training))
+
+    def _key_encoder(self, images, training):
+        return self.key_head(self.key_backbone(images, training=training), training=training)
+
+    def embed_keys(self, images, training=False):
+        """L2-normalised momentum-encoder embeddings `[B, d]` (what PCL clusters)."""
+        if training and self.shuffle_keys:
+            return l2_normalize(_shuffled(self._key_encoder, images, training))
+        return l2_normalize(self._key_encoder(images, training))
+
+    def call(self, images, training=False):
+        """Query embeddings of images, or of each view when given `(view1, view2)`."""
+        if isinstance(images, (tuple, list)):
+            return tuple(self.embed(view, training=training) for view in images)
+        return self.embed(images, training=training)
+
+    # One step -------------------------------------------------------------
+    def check_batch_size(self, per_replica_batch):
+        global_batch = per_replica_batch * num_replicas()
+        if self.queue_size % global_batch:
+            raise ValueError(
+                f"queue_size={self.queue_size} is not a multiple of the global batch size "
+                f"{global_batch}; choose a queue_size divisible by it (e.g. "
+                f"{max(1, self.queue_size // global_batch) * global_batch})."
+            )
+
+    def forward(self, views, index, training):
+        view1, view2 = views
+        if view1.shape[0] is not None:  # static when batches drop their remainder
+            self.check_batch_size(view1.shape[0])
+        pairs = [(view1, view2), (view2, view1)] if self.symmetric else [(view1, view2)]
+        query, keys, per_sample, accuracy = None, [], [], []
+        for q_view, k_view in pairs:
+            q = self.embed(q_view, training=training)
+            k = tf.stop_gradient(self.embed_keys(k_view, training=training))
+            logits = losses.info_nce_logits(q, k, self.queue, self.temperature)
+            per_sample.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.zeros(tf.shape(logits)[0], tf.int32), logits=logits))
+            accuracy.append(tf.reduce_mean(tf.cast(tf.argmax(logits, axis=1) == 0, tf.float32)))
+            query = q if query is None else query
+            keys.append(k)
+        outputs = {"query": query, "keys": keys[0], "instance_acc": tf.add_n(accuracy) / len(accuracy)}
+        return {"info_nce": tf.add_n(per_sample) / len(per_sample)}, outputs
+
+    def after_step(self, outputs):
+        self._momentum_update()
+        self._enqueue(outputs["keys"])
+
+    def _momentum_update(self):
+        query_weights = self.backbone.trainable_weights + self.head.trainable_weights
+        key_weights = self.key_backbone.trainable_weights + self.key_head.trainable_weights
+        apply_once([
+            (k, self.momentum * k + (1.0 - self.momentum) * tf.cast(q, k.dtype))
+            for q, k in zip(query_weights, key_weights)
+        ])
+
+    def _enqueue(self, keys):
+        keys = tf.cast(gather_across_replicas(keys), self.queue.dtype)
+        batch = tf.shape(keys)[0]
+        tf.debugging.assert_equal(
+            self.queue_size % batch, 0,
+            message="queue_size must be a multiple of the global batch size",
+        )
+        rows = (self.queue_pointer + tf.range(batch)) % self.queue_size
+        apply_once([
+            (self.queue, tf.tensor_scatter_nd_update(self.queue, rows[:, None], keys)),
+            (self.queue_pointer, (self.queue_pointer + batch) % self.queue_size),
+        ])
+
+    # Saving ---------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            head=keras.saving.serialize_keras_object(self.head),
+            queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
+            shuffle_keys=self.shuffle_keys, symmetric=self.symmetric,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Deserialising the sub-models consumes their dicts: keep the caller's intact.
+        return cls(**copy.deepcopy(config))

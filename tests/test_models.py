@@ -1,0 +1,219 @@
+"""MoCo and PCL: queue, EMA, warm-up switch, fit with the E-step, strategies, saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_pcl
+from keras_pcl import augment, backbones, data
+
+
+def tiny_pcl(num_samples, **kwargs):
+    options = dict(num_clusters=(5, 8), warmup_epochs=1, queue_size=64, momentum=0.9)
+    options.update(kwargs)
+    return keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="none"),
+                         backbones.mlp_head(16, 32), num_samples=num_samples, **options)
+
+
+def tiny_moco(**kwargs):
+    options = dict(queue_size=64, momentum=0.9)
+    options.update(kwargs)
+    return keras_pcl.MoCo(backbones.small_cnn((8, 8, 1), width=8, norm="none"),
+                          backbones.mlp_head(16, 32), **options)
+
+
+def fixed_views(images, batch_size=32):
+    """Unaugmented, unshuffled ((x, x), index) batches: deterministic steps."""
+    x = data.to_float(images)
+    index = np.arange(len(images), dtype=np.int32)
+    return tf.data.Dataset.from_tensor_slices(((x, x), index)).batch(batch_size, drop_remainder=True)
+
+
+def test_enqueue_wraps_around():
+    model = tiny_moco(queue_size=6)
+    first, second = np.ones((4, 16), np.float32), 2 * np.ones((4, 16), np.float32)
+    model._enqueue(tf.constant(first[:2]))  # pointer 0 -> 2
+    model._enqueue(tf.constant(first[:2]))  # 2 -> 4
+    model._enqueue(tf.constant(second[:2]))  # fills rows 4, 5 and wraps to 0
+    queue = model.queue.numpy()
+    assert int(model.queue_pointer.numpy()) == 0
+    np.testing.assert_array_equal(queue[:4], 1.0)
+    np.testing.assert_array_equal(queue[4:], 2.0)
+    model._enqueue(tf.constant(3 * first[:2]))
+    np.testing.assert_array_equal(model.queue.numpy()[:2], 3.0)
+    assert int(model.queue_pointer.numpy()) == 2
+
+
+def test_queue_must_be_a_multiple_of_the_batch(digits):
+    model = tiny_moco(queue_size=48)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="not a multiple of the global batch size 32"):
+        model.fit(fixed_views(digits[0][:64]), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
+    (dict(temperature=0.0), "temperature"), (dict(queue_size=0), "queue_size"),
+])
+def test_moco_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_moco(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_clusters=(5, 1000)), "between 2 and the number of samples"),
+    (dict(num_clusters=()), "at least one"), (dict(warmup_epochs=-1), "warmup_epochs"),
+    (dict(num_negative_prototypes=0), "num_negative_prototypes"),
+])
+def test_pcl_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pcl(100, **kwargs)
+
+
+def test_momentum_update_is_an_ema(digits):
+    model = tiny_moco(momentum=0.75)
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    query_weights = lambda: [w.numpy() for w in model.backbone.trainable_weights + model.head.trainable_weights]
+    key_weights = lambda: [w.numpy() for w in model.key_backbone.trainable_weights + model.key_head.trainable_weights]
+    before = key_weights()
+    for q, k in zip(query_weights(), before):
+        np.testing.assert_array_equal(q, k)  # the key encoder starts as a copy
+    model.fit(fixed_views(digits[0][:32]), epochs=1, verbose=0)
+    after_query, after_key = query_weights(), key_weights()
+    assert any(not np.allclose(q, k) for q, k in zip(after_query, before))
+    for k0, q1, k1 in zip(before, after_query, after_key):
+        np.testing.assert_allclose(k1, 0.75 * k0 + 0.25 * q1, rtol=1e-5, atol=1e-7)
+
+
+def test_keys_are_enqueued_after_each_step(digits):
+    model = tiny_moco(queue_size=64, shuffle_keys=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # weights stay fixed: keys are predictable
+    images = digits[0][:96]
+    model.fit(fixed_views(images), epochs=1, verbose=0)  # 3 steps of 32: wraps once
+    keys = model.embed_keys(data.to_float(images), training=True).numpy()
+    assert int(model.queue_pointer.numpy()) == 32
+    np.testing.assert_allclose(model.queue.numpy()[:32], keys[64:], atol=1e-5)
+    np.testing.assert_allclose(model.queue.numpy()[32:], keys[32:64], atol=1e-5)
+
+
+def test_pcl_warmup_then_protonce(digits):
+    images = digits[0][:256]
+    model = tiny_pcl(len(images), warmup_epochs=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images, 100), verbose=0)
+    history = model.fit(fixed_views(images), epochs=3, callbacks=[update], verbose=0).history
+    assert history["proto_nce"][0] == 0.0 and history["proto_acc"][0] == 0.0
+    assert history["proto_nce"][1] > 0.0 and history["proto_nce"][2] > 0.0
+    np.testing.assert_allclose(history["loss"], np.add(history["info_nce"], history["proto_nce"]), rtol=1e-5)
+    assert int(model.prototypes_ready.numpy()) == 1
+    for prototypes, phi, k in zip(model.prototypes, model.concentrations, model.num_clusters):
+        np.testing.assert_allclose(np.linalg.norm(prototypes.numpy(), axis=1), 1.0, rtol=1e-5)
+        assert phi.numpy().mean() == pytest.approx(model.temperature, rel=1e-4)
+        assert model.assignments.numpy().max() < max(model.num_clusters)
+
+
+def test_protonce_matches_the_loss_function(digits):
+    """The model's ProtoNCE term equals losses.proto_nce on its own state."""
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), warmup_epochs=0)
+    model.compile(optimizer="sgd")
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(model)
+    update.run_estep()
+    x = data.to_float(images[:32])
+    index = tf.range(32)
+    terms, outputs = model.forward((x, x), index, training=False)
+    want = np.mean([keras_pcl.losses.proto_nce(outputs["query"], p, phi, tf.gather(model.assignments[m], index))
+                    for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))], axis=0)
+    np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
+
+
+def test_pcl_fit_without_the_estep_fails_clearly(digits):
+    model = tiny_pcl(64, warmup_epochs=1)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="PrototypeUpdate"):
+        model.fit(fixed_views(digits[0][:64]), epochs=2, verbose=0)
+
+
+def test_fit_lowers_the_loss_with_augmentation(digits):
+    """A few epochs of real PCL on digits: both terms fall, embeddings stay spread.
+
+    The queue starts random, so InfoNCE first rises while it fills with real
+    keys (epoch 1); progress is measured from epoch 2, when ProtoNCE starts.
+    """
+    images = digits[0][:512]
+    keras.utils.set_random_seed(0)
+    model = keras_pcl.PCL(
+        backbones.small_cnn((8, 8, 1), width=16, norm="split", num_splits=4), backbones.mlp_head(32, 64),
+        num_samples=len(images), num_clusters=(10, 20), warmup_epochs=2, queue_size=128,
+        momentum=0.99, num_negative_prototypes=6)
+    model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+    train = data.contrastive_dataset(images, augment.pcl_v2(8, channels=1, crop_scale=(0.5, 1.0)), 64)
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    history = model.fit(train, epochs=10, callbacks=[update], verbose=0).history
+    assert history["proto_nce"][1] == 0.0 < history["proto_nce"][2]
+    assert history["info_nce"][-1] < history["info_nce"][2]
+    assert history["proto_nce"][-1] < history["proto_nce"][2]
+    embeddings = model.embed(data.to_float(images)).numpy()
+    assert embeddings.std(axis=0).mean() > 0.05  # not collapsed to one point
+
+
+def test_two_replicas_match_one(digits):
+    images = digits[0][:64]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def build():
+        keras.utils.set_random_seed(1)
+        model = tiny_pcl(len(images), shuffle_keys=False)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        return model
+
+    single = build()
+    with strategy.scope():
+        mirrored = build()
+    step = fixed_views(images).take(1)
+    loss_single = single.fit(step, epochs=1, verbose=0).history["loss"][0]
+    loss_mirrored = mirrored.fit(step, epochs=1, verbose=0).history["loss"][0]
+    assert loss_mirrored == pytest.approx(loss_single, rel=1e-5)
+    assert int(mirrored.queue_pointer.numpy()) == 32  # advanced by the global batch
+    replicas = mirrored.queue.value.values
+    np.testing.assert_allclose(replicas[0].numpy(), single.queue.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+    for k_single, k_mirrored in zip(single.key_head.weights, mirrored.key_head.weights):
+        copies = k_mirrored.value.values
+        np.testing.assert_allclose(copies[0].numpy(), k_single.numpy(), atol=1e-6)
+        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+    # A full PCL epoch with the E-step under the strategy.
+    with strategy.scope():
+        update = keras_pcl.PrototypeUpdate(data.eval_dataset(images, 24), verbose=0)
+        history = mirrored.fit(fixed_views(images), epochs=2, callbacks=[update], verbose=0).history
+    assert history["proto_nce"][1] > 0
+    for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue]:
+        copies = variable.value.values
+        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+
+
+@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3)])
+def test_config_and_keras_file_round_trip(tmp_path, digits, build):
+    model = build()
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    images = digits[0][:64]
+    callbacks = [keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)] if isinstance(model, keras_pcl.PCL) else []
+    model.fit(fixed_views(images), epochs=2, callbacks=callbacks, verbose=0)
+    config = model.get_config()
+    clone = type(model).from_config(config)
+    assert clone.get_config() == config
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    x = data.to_float(images[:8])
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.embed_keys(x).numpy(), model.embed_keys(x).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(loaded.queue.numpy(), model.queue.numpy())
+    assert int(loaded.queue_pointer.numpy()) == int(model.queue_pointer.numpy())
+    if isinstance(model, keras_pcl.PCL):
+        for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(loaded.assignments.numpy(), model.assignments.numpy())
