@@ -212,6 +212,11 @@ def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
     np.testing.assert_allclose(loaded.embed_keys(x).numpy(), model.embed_keys(x).numpy(), atol=1e-6)
     np.testing.assert_array_equal(loaded.queue.numpy(), model.queue.numpy())
+    # The optimizer state comes back too (it trains the query encoder only).
+    assert len(model.trainable_weights) == len(model.backbone.trainable_weights + model.head.trainable_weights)
+    assert [v.shape for v in loaded.optimizer.variables] == [v.shape for v in model.optimizer.variables]
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(loaded.queue_pointer.numpy()) == int(model.queue_pointer.numpy())
     if isinstance(model, keras_pcl.PCL):
         for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
