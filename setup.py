@@ -15,6 +15,7 @@ setup(
         "keras>=3.9",
         "scikit-learn>=1.3",
         "absl-py>=1.0",
+        "tensorboard>=2.16",
         "matplotlib>=3.7",
         "numpy>=1.24",
     ],

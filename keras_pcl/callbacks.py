@@ -1,5 +1,7 @@
 """Callbacks: `PrototypeUpdate`, PCL's E-step."""
 
+import sys
+
 import numpy as np
 import keras
 import tensorflow as tf
@@ -25,7 +27,9 @@ def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0):
         images, index = batch[0], batch[1]
         return tf.cast(embed_fn(images), tf.float32), tf.cast(index, tf.int32)
 
-    progress = keras.utils.Progbar(num_samples, unit_name="image") if verbose else None
+    # A progress bar where a person watches; a non-interactive log gets the summary line only.
+    interactive = verbose and hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    progress = keras.utils.Progbar(num_samples, unit_name="image") if interactive else None
     rows, indices = [], []
     if distributed:
         dataset = strategy.experimental_distribute_dataset(dataset)
@@ -145,3 +149,64 @@ class PrototypeUpdate(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.stats:
             logs.update(self.stats)
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Saves the whole training state and resumes from it.
+
+    The state is the model's variables (query and key encoders, heads, queue
+    and pointer, prototypes, phi, assignments), the optimizer's variables
+    and the number of finished epochs, written with `tf.train.CheckpointManager`
+    (each checkpoint is complete before the index file points at it; the
+    last `max_to_keep` are kept).
+
+    Args:
+        directory: checkpoint folder.
+        save_every_steps: also save every this many steps (0: only at epoch ends).
+        max_to_keep: checkpoints kept.
+
+    Example:
+    >>> checkpoint = TrainingCheckpoint("run/checkpoints")
+    >>> initial_epoch = checkpoint.restore(model)  # doctest: +SKIP
+    >>> model.fit(ds, epochs=100, initial_epoch=initial_epoch, callbacks=[checkpoint])  # doctest: +SKIP
+
+    A checkpoint taken mid-epoch resumes at the start of that epoch with the
+    weights of the moment it was saved.
+    """
+
+    def __init__(self, directory, save_every_steps=0, max_to_keep=3):
+        super().__init__()
+        self.directory, self.save_every_steps, self.max_to_keep = directory, int(save_every_steps), max_to_keep
+        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._manager = None
+        self._current_epoch = 0
+
+    def _get_manager(self, model):
+        if self._manager is None:
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(getattr(model, "query_variables", model.trainable_variables))
+            checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch)
+            self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
+        return self._manager
+
+    def restore(self, model):
+        """Restores the newest checkpoint into `model`; returns the epoch to resume at (0 if none)."""
+        manager = self._get_manager(model)
+        if manager.latest_checkpoint is None:
+            return 0
+        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        return int(self._epoch.numpy())
+
+    def save(self, epoch):
+        self._epoch.assign(epoch)
+        return self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_every_steps and (batch + 1) % self.save_every_steps == 0:
+            self.save(self._current_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1)

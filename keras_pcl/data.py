@@ -104,3 +104,194 @@ def load_digits():
     digits = sklearn_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     return images, digits.target.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Sources: each returns a `Split` of uint8 images [N, H, W, C] and labels.
+
+
+class Split:
+    """Train and test images with labels (labels may be None)."""
+
+    def __init__(self, name, train_images, train_labels, test_images, test_labels, notes=""):
+        self.name = name
+        self.train_images, self.train_labels = train_images, train_labels
+        self.test_images, self.test_labels = test_images, test_labels
+        self.notes = notes
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def has_labels(self):
+        return self.train_labels is not None and self.test_labels is not None
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path):
+    """Reads an idx file (gzipped or not): uint8 images `[N, H, W]` or labels `[N]`."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file.")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
+    return body.reshape(dims)
+
+
+def _random_split(images, labels, test_fraction, seed):
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_test = max(1, int(round(test_fraction * len(images))))
+    test, train = order[:n_test], order[n_test:]
+    pick = (lambda a, i: None if a is None else a[i])
+    return images[train], pick(labels, train), images[test], pick(labels, test)
+
+
+def digits_source(test_fraction=0.2, seed=0):
+    images, labels = load_digits()
+    return Split("digits", *_random_split(images, labels, test_fraction, seed),
+                 notes="scikit-learn digits, 8x8 grayscale")
+
+
+def fashion_mnist_source(directory=FASHION_MNIST_DIR):
+    import os
+
+    files = {part: os.path.join(directory, f"{part}-ubyte.gz") for part in
+             ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    if all(os.path.exists(f) for f in files.values()):
+        arrays = {part: read_idx(f) for part, f in files.items()}
+        return Split("fashion_mnist", arrays["train-images-idx3"][..., None], arrays["train-labels-idx1"],
+                     arrays["t10k-images-idx3"][..., None], arrays["t10k-labels-idx1"],
+                     notes=f"read from {directory}")
+    try:
+        import keras
+
+        (x, y), (xt, yt) = keras.datasets.fashion_mnist.load_data()
+    except Exception as error:  # offline: say both ways to get it
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {directory} and the download failed ({type(error).__name__}); "
+            "install it with `apt-get install -y dataset-fashion-mnist` or go online for keras.datasets."
+        ) from None
+    return Split("fashion_mnist", x[..., None], y, xt[..., None], yt, notes="keras.datasets")
+
+
+def keras_source(name):
+    import keras
+
+    loader = {"cifar10": keras.datasets.cifar10, "cifar100": keras.datasets.cifar100}[name]
+    try:
+        (x, y), (xt, yt) = loader.load_data()
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{name} could not be loaded through keras.datasets ({type(error).__name__}: it downloads "
+            "on first use); connect to the internet once, or use folder:PATH / npz:PATH."
+        ) from None
+    return Split(name, x, y.reshape(-1), xt, yt.reshape(-1), notes="keras.datasets")
+
+
+def npz_source(path, test_fraction=0.2, seed=0):
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npz file {path!r} does not exist.")
+    with np.load(path) as arrays:
+        if "x" not in arrays:
+            raise ValueError(f"{path} has no array named 'x' (found {sorted(arrays.files)}); save images as x=...")
+        images = as_image_array(arrays["x"])
+        labels = arrays["y"].reshape(-1) if "y" in arrays else None
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: x has {len(images)} images but y has {len(labels)} labels.")
+    if images.dtype != np.uint8:
+        images = np.clip(np.round(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return Split(f"npz:{path}", *_random_split(images, labels, test_fraction, seed), notes=path)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def folder_source(path, image_size, test_fraction=0.2, seed=0):
+    """Every image under `path`; class sub-folders become labels.
+
+    Images are resized to `image_size` (square) and converted to RGB, or to
+    grayscale when every image is grayscale. Unreadable files are skipped and
+    counted; it fails only when no image can be read.
+    """
+    import os
+
+    from PIL import Image
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"image folder {path!r} does not exist.")
+    files = sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+        if not name.startswith(".")
+    )
+    if not files:
+        raise ValueError(f"image folder {path!r} is empty; put images (or class sub-folders of images) in it.")
+    images, classes, skipped, modes = [], [], 0, set()
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+                modes.add("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
+                images.append(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+        except Exception:
+            skipped += 1
+            continue
+        relative = os.path.relpath(os.path.dirname(file), path)
+        classes.append(relative.split(os.sep)[0] if relative != "." else "")
+    if not images:
+        raise ValueError(f"none of the {len(files)} files in {path!r} is a readable image.")
+    grayscale = modes == {"L"}
+    array = np.stack([np.asarray(im.convert("L"))[..., None] if grayscale else np.asarray(im) for im in images])
+    names = sorted(set(classes))
+    labels = np.array([names.index(c) for c in classes], np.int32) if len(names) > 1 else None
+    notes = f"{len(images)} images from {path}" + (f", {skipped} unreadable files skipped" if skipped else "")
+    split = Split(f"folder:{path}", *_random_split(array, labels, test_fraction, seed), notes=notes)
+    split.skipped, split.class_names = skipped, names
+    return split
+
+
+def tfds_source(name):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError("tfds:NAME needs tensorflow-datasets: pip install 'keras_pcl[tfds]'.") from None
+    train, test = tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1)
+    x, y = tfds.as_numpy(train)
+    xt, yt = tfds.as_numpy(test)
+    return Split(f"tfds:{name}", as_image_array(x), y, as_image_array(xt), yt, notes="tensorflow-datasets")
+
+
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "folder:PATH", "npz:PATH", "tfds:NAME")
+
+
+def load_dataset(spec, image_size=None, seed=0):
+    """Loads a dataset by name: one of `DATASETS` (see the module docstring).
+
+    Returns:
+        A `Split` with uint8 images.
+    """
+    if spec == "digits":
+        return digits_source(seed=seed)
+    if spec == "fashion_mnist":
+        return fashion_mnist_source()
+    if spec in ("cifar10", "cifar100"):
+        return keras_source(spec)
+    kind, _, argument = spec.partition(":")
+    if kind == "folder" and argument:
+        return folder_source(argument, image_size or 32, seed=seed)
+    if kind == "npz" and argument:
+        return npz_source(argument, seed=seed)
+    if kind == "tfds" and argument:
+        return tfds_source(argument)
+    raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}.")
