@@ -1,6 +1,7 @@
 """Shared test setup: quiet TensorFlow, two logical CPUs for MirroredStrategy tests."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,3 +24,17 @@ def digits():
     from keras_pcl import data
 
     return data.load_digits()
+
+
+@pytest.fixture(scope="session")
+def runner():
+    """experiments/run.py loaded as a module: `runner.execute([...flags])` runs it in-process."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "run.py"
+    spec = importlib.util.spec_from_file_location("keras_pcl_run", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

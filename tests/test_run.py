@@ -1,0 +1,167 @@
+"""experiments/run.py end to end: outputs, export, resume, and one-line errors for bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.cfg")
+QUICK = ["--epochs=3", "--warmup_epochs=1", "--knn_every=2", "--low_shot_draws=1", "--num_clusters=10,20",
+         "--queue_size=256"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(runner, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={out}"] + QUICK)
+    return out
+
+
+def test_quickstart_writes_every_output(quickstart_run):
+    out = quickstart_run
+    for name in ("config.json", "history.json", "results.json", "model.keras", "curves.png", "tsne.png",
+                 "prototypes_k10.png", "prototypes_k20.png", "saved_model/saved_model.pb"):
+        assert (out / name).exists(), name
+    assert any((out / "logs" / "train").iterdir())  # TensorBoard events
+    results = json.loads((out / "results.json").read_text())
+    for row in ("encoder", "raw_pixels"):
+        scores = results["evaluation"][row]
+        for key in ("knn_top1", "linear_top1", "svm_1shot", "svm_16shot", "ami", "nmi", "ari"):
+            assert 0.0 <= scores[key] <= 1.0
+    assert results["evaluation"]["raw_pixels"]["knn_top1"] > 0.9  # digits are easy for pixels
+    assert results["evaluation"]["encoder"]["linear_top1"] > 0.5  # far above chance (0.1)
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3]
+    assert history["proto_nce"][0] == 0.0 and history["proto_nce"][1] > 0.0
+    assert history["val_knn_top1"][0] is None and history["val_knn_top1"][1] is not None
+    assert results["last_estep"]["k10_empty_clusters"] == 0.0
+
+
+def test_saved_model_serves_in_a_fresh_process(quickstart_run, runner, digits):
+    """Reload with tf.saved_model.load in a new interpreter; compare with the Keras model here."""
+    import keras
+    import tensorflow as tf
+
+    images = digits[0][:16]
+    np.save(quickstart_run / "probe.npy", images)
+    script = (
+        "import sys, json, numpy as np, tensorflow as tf\n"
+        "m = tf.saved_model.load(sys.argv[1] + '/saved_model')\n"
+        "x = tf.constant(np.load(sys.argv[1] + '/probe.npy'))\n"
+        "a = m.assign(x)\n"
+        "print(json.dumps({'features': m.embed(x)['features'].numpy().tolist(),\n"
+        "  'prototype': a['prototype'].numpy().tolist(), 'similarity': a['similarity'].numpy().tolist()}))\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", script, str(quickstart_run)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    model = keras.models.load_model(quickstart_run / "model.keras")
+    x = tf.cast(images, tf.float32) / 255.0
+    features = tf.math.l2_normalize(model.backbone(x), axis=1).numpy()
+    np.testing.assert_allclose(served["features"], features, atol=1e-5)
+    keys = model.embed_keys(x).numpy()
+    want = np.stack([(keys @ p.numpy().T).argmax(1) for p in model.prototypes], axis=1)
+    assert np.asarray(served["prototype"]).shape == (16, 2)
+    assert (np.asarray(served["prototype"]) == want).mean() > 0.95  # float ties aside
+    assert np.all(np.asarray(served["similarity"]) <= 1.0 + 1e-5)
+
+
+def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys):
+    out = tmp_path / "resume"
+    base = [f"--flagfile={QUICKSTART}", f"--output_dir={out}", "--knn_every=0", "--export=false",
+            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
+    runner.execute(base + ["--epochs=2"])
+    capsys.readouterr()
+    runner.execute(base + ["--epochs=3"])
+    assert "resuming" in capsys.readouterr().out and "at epoch 2" in capsys.readouterr().out + "at epoch 2"
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3]
+    config_before = (out / "config.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        runner.execute(base + ["--epochs=3", "--temperature=0.3"])
+    assert exit_info.value.code == 2
+    assert "different config (differs in: temperature)" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config_before
+
+
+def make_npz(path, images, labels=None):
+    arrays = {"x": images}
+    if labels is not None:
+        arrays["y"] = labels
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+BAD_INPUTS = [
+    # (name, extra flags, expected message fragment)
+    ("unknown method", ["--method=swav2"], "--method=swav2: value should be one of"),
+    ("unknown dataset", ["--dataset=mnist"], "unknown dataset 'mnist'"),
+    ("missing folder", ["--dataset=folder:{tmp}/nowhere"], "does not exist"),
+    ("empty folder", ["--dataset=folder:{tmp}/empty"], "is empty"),
+    ("only corrupt files", ["--dataset=folder:{tmp}/corrupt"], "none of the 2 files"),
+    ("smaller than a batch", ["--batch_size=2048", "--queue_size=2048"], "is larger than the dataset"),
+    ("too many clusters", ["--num_clusters=10,5000"], "--num_clusters 5000 exceeds the 1438 training images"),
+    ("queue not a multiple", ["--queue_size=1000"], "--queue_size 1000 is not a multiple of --batch_size 128"),
+    ("zero temperature", ["--temperature=0"], "--temperature must be > 0"),
+    ("negative temperature", ["--temperature=-0.1"], "--temperature must be > 0"),
+    ("momentum of 1", ["--momentum=1.0"], "--momentum must be in [0, 1)"),
+    ("images with NaN", ["--dataset=npz:{tmp}/nan.npz"], "NaN or Inf"),
+    ("output dir is a file", ["--output_dir={tmp}/a_file"], "is a file"),
+    ("output dir not writable", ["--output_dir={tmp}/a_file/sub"], "is not writable"),
+    ("bad flagfile path", ["--flagfile={tmp}/missing.cfg"], "Unable to open flagfile"),
+    ("image too small for encoder", ["--encoder=resnet18", "--small_images=false", "--width=4"],
+     "needs images of at least 32 px"),
+    ("npz without x", ["--dataset=npz:{tmp}/nox.npz"], "no array named 'x'"),
+    ("batch vs split BN", ["--batch_size=102", "--queue_size=1020"], "--batch_size 102 is not divisible by --num_splits 4"),
+    ("bad crop scale", ["--crop_scale=0.5"], "--crop_scale takes two numbers"),
+    ("stray argument", ["extra"], "unexpected arguments"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "empty").mkdir()
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "a.png").write_bytes(b"not a png")
+    (tmp / "corrupt" / "b.jpg").write_bytes(b"not a jpg")
+    images = np.random.default_rng(0).uniform(size=(40, 8, 8, 1)).astype(np.float32)
+    images[3, 2, 2, 0] = np.nan
+    make_npz(tmp / "nan.npz", images)
+    np.savez(tmp / "nox.npz", images=np.zeros((4, 8, 8)))
+    (tmp / "a_file").write_text("a file, not a folder")
+    # An earlier run's outputs that a failed command must leave untouched.
+    existing = tmp / "existing"
+    existing.mkdir()
+    (existing / "results.json").write_text('{"keep": true}')
+    return tmp
+
+
+@pytest.mark.parametrize("name,extra,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(runner, bad_input_dir, capsys, name, extra, message):
+    extra = [e.format(tmp=bad_input_dir) for e in extra]
+    argv = [f"--flagfile={QUICKSTART}", f"--output_dir={bad_input_dir}/existing", "--epochs=1"] + extra
+    with pytest.raises(SystemExit) as exit_info:
+        runner.execute(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert err.startswith("run.py: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    existing = bad_input_dir / "existing"
+    assert (existing / "results.json").read_text() == '{"keep": true}'
+    assert not (existing / "config.json").exists()
+
+
+def test_command_line_error_has_no_traceback():
+    """The real CLI: status 2 and one line on stderr (before TensorFlow is even imported)."""
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--temperature=-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "run.py: error: --temperature must be > 0, got -1.0."
