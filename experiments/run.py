@@ -93,6 +93,10 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
+class TrainingDiverged(Exception):
+    """The loss became NaN/Inf: printed as one line, exit status 3."""
+
+
 def run_config():
     return {name: FLAGS[name].value for name in RUN_FLAGS}
 
@@ -284,12 +288,13 @@ def main(argv):
     initial_epoch = checkpoint.restore(model)
     if resuming and initial_epoch:
         print(f"resuming {out} at epoch {initial_epoch}")
-    fit_callbacks = [checkpoint]
+    # The guard runs first, so a step with a NaN/Inf loss is never checkpointed.
+    fit_callbacks = [callbacks.NonFiniteLossGuard(), checkpoint]
     if FLAGS.method == "pcl":
         estep = callbacks.PrototypeUpdate(train_eval_ds, every_n_epochs=FLAGS.estep_every,
                                           num_iters=FLAGS.kmeans_iters, num_restarts=FLAGS.kmeans_restarts,
                                           jit_compile=jit, seed=FLAGS.seed, verbose=1)
-        fit_callbacks.insert(0, estep)
+        fit_callbacks.insert(1, estep)
     if FLAGS.knn_every and split.has_labels:
         fit_callbacks.append(evaluation.KNNMonitor(split.train_images, split.train_labels, split.test_images,
                                                    split.test_labels, FLAGS.knn_every, FLAGS.knn_k,
@@ -318,8 +323,11 @@ def main(argv):
     fit_callbacks.append(SaveHistory())
     started = time.time()
     if initial_epoch < FLAGS.epochs:
-        model.fit(train_ds, epochs=FLAGS.epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks,
-                  verbose=1 if sys.stdout.isatty() else 2)
+        try:
+            model.fit(train_ds, epochs=FLAGS.epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks,
+                      verbose=1 if sys.stdout.isatty() else 2)
+        except callbacks.NonFiniteLossError as error:
+            raise TrainingDiverged(str(error)) from None
     train_seconds = time.time() - started
 
     # Evaluation of the frozen backbone, beside raw pixels.
@@ -363,6 +371,11 @@ def main(argv):
 def run(argv):
     try:
         main(argv)
+    except TrainingDiverged as error:  # not a usage mistake: its own status
+        if FLAGS.debug:
+            raise
+        print(f"run.py: error: {error}", file=sys.stderr)
+        sys.exit(3)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ImportError) as error:
         if FLAGS.debug:

@@ -184,7 +184,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def _get_manager(self, model):
         if self._manager is None:
             if model.optimizer is not None and not model.optimizer.built:
-                model.optimizer.build(getattr(model, "query_variables", model.trainable_variables))
+                model.optimizer.build(model.trainable_variables)
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch)
             self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
         return self._manager
@@ -210,3 +210,42 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.save(epoch + 1)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the message names the step and the loss terms."""
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops training at the first step whose loss (or any loss term) is NaN or Inf.
+
+    It raises `NonFiniteLossError` from the batch callback, so `fit` ends
+    before later callbacks of that step or the epoch end run: place it before
+    `TrainingCheckpoint` and no checkpoint of the broken state is written;
+    the last good checkpoint stays the newest.
+
+    Args:
+        terms: log keys checked besides "loss" (default: every key ending in
+            "nce", i.e. the model's loss terms).
+    """
+
+    def __init__(self, terms=None):
+        super().__init__()
+        self.terms = terms
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        terms = self.terms or sorted(k for k in logs if k == "loss" or k.endswith("nce"))
+        bad = [k for k in terms if k in logs and not np.isfinite(float(logs[k]))]
+        if bad:
+            step = int(self.model.optimizer.iterations.numpy())
+            self.model.stop_training = True
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {self._epoch + 1}, batch {batch + 1}) in "
+                f"{', '.join(k for k in bad if k != 'loss') or 'loss'}; training stopped, the last "
+                "checkpoint is kept. Lower the learning rate or check the inputs."
+            )

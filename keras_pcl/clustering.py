@@ -209,7 +209,7 @@ def kmeans_graph(
                 max_points_per_centroid * num_clusters,
             ).indices
             train = tf.gather(features, keep)
-        if not isinstance(init, str):  # explicit initial centroids
+        if not isinstance(init, str):  # explicit initial centroids (a tensor)
             init_centroids = tf.convert_to_tensor(init, tf.float32)
         elif init == "random":  # K distinct points, as faiss and the reference
             init_centroids = tf.gather(train, tf.math.top_k(
@@ -237,6 +237,9 @@ def kmeans_graph(
 
 @functools.lru_cache(maxsize=32)
 def _compiled_kmeans(jit, **options):
+    if options.get("init") == "explicit":
+        options = {k: v for k, v in options.items() if k != "init"}
+        return tf.function(lambda features, init: kmeans_graph(features, init=init, **options), jit_compile=jit)
     return tf.function(functools.partial(kmeans_graph, **options), jit_compile=jit)
 
 
@@ -306,19 +309,20 @@ def kmeans(
         tol=float(tol),
         tile_size=int(tile_size),
         max_points_per_centroid=max_points_per_centroid,
-        init=init,
+        init=init if isinstance(init, str) else "explicit",
         matmul_dtype=resolve_matmul_dtype(matmul_dtype, jit),
     )
     as_numpy = not tf.is_tensor(features)
-    if not tf.executing_eagerly():
-        centroids, assignments, objective = kmeans_graph(features, **options)
+    explicit = not isinstance(init, str)
+    if not tf.executing_eagerly():  # already inside a tf.function: plain ops
+        centroids, assignments, objective = kmeans_graph(features, **dict(options, init=init))
     else:
         features = tf.convert_to_tensor(features, tf.float32)
-        if isinstance(init, str):
+        if explicit:  # the initial centroids are an argument, so one trace serves every init
             compiled = _compiled_kmeans(jit, **options)
+            centroids, assignments, objective = compiled(features, tf.constant(init))
         else:
-            compiled = tf.function(functools.partial(kmeans_graph, **options), jit_compile=jit)
-        centroids, assignments, objective = compiled(features)
+            centroids, assignments, objective = _compiled_kmeans(jit, **options)(features)
     result = (centroids, assignments, objective)
     if as_numpy:
         result = tuple(t.numpy() for t in result)

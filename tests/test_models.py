@@ -1,5 +1,7 @@
 """MoCo and PCL: queue, EMA, warm-up switch, fit with the E-step, strategies, saving."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -75,7 +77,8 @@ def test_momentum_update_is_an_ema(digits):
     model = tiny_moco(momentum=0.75)
     model.compile(optimizer=keras.optimizers.SGD(0.5))
     query_weights = lambda: [w.numpy() for w in model.backbone.trainable_weights + model.head.trainable_weights]
-    key_weights = lambda: [w.numpy() for w in model.key_backbone.trainable_weights + model.key_head.trainable_weights]
+    key_weights = lambda: [k.numpy() for _, k in keras_pcl.models.moco.ema_pairs(model.backbone, model.key_backbone)
+                           + keras_pcl.models.moco.ema_pairs(model.head, model.key_head)]
     before = key_weights()
     for q, k in zip(query_weights(), before):
         np.testing.assert_array_equal(q, k)  # the key encoder starts as a copy
@@ -206,14 +209,17 @@ def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     assert clone.get_config() == config
     path = str(tmp_path / "model.keras")
     model.save(path)
-    loaded = keras.models.load_model(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "Skipping variable loading for optimizer"
+        loaded = keras.models.load_model(path)
     assert type(loaded) is type(model)
     x = data.to_float(images[:8])
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
     np.testing.assert_allclose(loaded.embed_keys(x).numpy(), model.embed_keys(x).numpy(), atol=1e-6)
     np.testing.assert_array_equal(loaded.queue.numpy(), model.queue.numpy())
     # The optimizer state comes back too (it trains the query encoder only).
-    assert len(model.trainable_weights) == len(model.backbone.trainable_weights + model.head.trainable_weights)
+    query = model.backbone.trainable_weights + model.head.trainable_weights
+    assert len(model.trainable_weights) == len(model.trainable_variables) == len(query)
     assert [v.shape for v in loaded.optimizer.variables] == [v.shape for v in model.optimizer.variables]
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -222,3 +228,39 @@ def test_config_and_keras_file_round_trip(tmp_path, digits, build):
         for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(loaded.assignments.numpy(), model.assignments.numpy())
+
+
+class DivergeAt(keras.callbacks.Callback):
+    """Simulates divergence: NaN in the head's output bias just before a given batch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            bias = self.model.head.weights[-1]
+            bias.assign(np.full(bias.shape, np.nan, np.float32))
+
+
+def test_nan_guard_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path, digits):
+    model = tiny_moco()
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    checkpoint = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt"))
+    views = fixed_views(digits[0][:128])  # 4 steps per epoch
+    model.fit(views, epochs=1, callbacks=[checkpoint], verbose=0)
+    saved = checkpoint._manager.latest_checkpoint
+    queue_before = model.queue.numpy().copy()
+    guard = keras_pcl.callbacks.NonFiniteLossGuard()
+    with pytest.raises(keras_pcl.callbacks.NonFiniteLossError,
+                       match=r"non-finite loss at step 8 \(epoch 2, batch 4\) in info_nce"):
+        model.fit(views, epochs=2, initial_epoch=1, callbacks=[DivergeAt(1, 3), guard, checkpoint], verbose=0)
+    assert checkpoint._manager.latest_checkpoint == saved  # no checkpoint of the broken state
+    restored = tiny_moco()
+    restored.compile(optimizer=keras.optimizers.SGD(0.01))
+    assert keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt")).restore(restored) == 1
+    np.testing.assert_array_equal(restored.queue.numpy(), queue_before)
+    assert all(np.isfinite(w.numpy()).all() for w in restored.weights)

@@ -76,8 +76,9 @@ class ContrastiveModel(keras.Model):
 
     Subclasses set `self.loss_names` and `self.metric_names` before calling
     `_create_trackers()`; `query_variables` are the weights the optimizer
-    updates (the momentum/key encoders are excluded) and are also what
-    `model.trainable_weights` reports.
+    updates. Momentum encoders mark their variables `trainable=False`, so
+    Keras (compile, `.keras` loading, checkpoints) builds the optimizer over
+    exactly these.
     """
 
     loss_names = ("loss",)
@@ -95,19 +96,8 @@ class ContrastiveModel(keras.Model):
 
     @property
     def query_variables(self):
-        """The weights gradients update; subclasses list them (momentum encoders are not)."""
-        raise NotImplementedError
-
-    # Keras builds optimizers (compile, .keras loading, checkpoints) over
-    # `trainable_weights`: make that exactly what this model's optimizer trains.
-    @property
-    def trainable_weights(self):
-        return list(self.query_variables) if self.trainable else []
-
-    @property
-    def non_trainable_weights(self):
-        trainable = {id(w) for w in self.trainable_weights}
-        return [w for w in self.weights if id(w) not in trainable]
+        """The weights gradients update (momentum encoders' variables are non-trainable)."""
+        return self.trainable_variables
 
     def forward(self, views, index, training):
         raise NotImplementedError

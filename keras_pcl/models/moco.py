@@ -15,13 +15,25 @@ from keras_pcl.models.base import (
 )
 
 
-def _clone(model):
-    """A structural copy of `model` holding the same weight values."""
+def _momentum_copy(model):
+    """A structural copy of `model` with the same weight values, for a momentum encoder.
+
+    Its variables are marked non-trainable (updated by EMA, never by the
+    optimizer); its layers stay trainable, so BatchNorm still normalises
+    with batch statistics in training mode, as MoCo's key encoder does.
+    """
     copy = keras.models.clone_model(model)
     if not copy.built:
         copy.build(model.input_shape if hasattr(model, "input_shape") else None)
     copy.set_weights(model.get_weights())
+    for variable in copy.weights:
+        variable.trainable = False
     return copy
+
+
+def ema_pairs(source, target):
+    """`(source_variable, target_variable)` for each trainable variable of `source`."""
+    return [(s, t) for s, t in zip(source.weights, target.weights) if s.trainable]
 
 
 def _shuffled(fn, x, training):
@@ -91,7 +103,7 @@ class MoCo(ContrastiveModel):
         if not head.built:
             head.build(backbone.output_shape)
         self.embedding_dim = head.compute_output_shape(backbone.output_shape)[-1]
-        self.key_backbone, self.key_head = _clone(backbone), _clone(head)
+        self.key_backbone, self.key_head = _momentum_copy(backbone), _momentum_copy(head)
         self.queue = self.add_weight(
             shape=(self.queue_size, self.embedding_dim), name="queue", trainable=False,
             initializer=keras.initializers.RandomNormal(seed=0),
@@ -104,10 +116,6 @@ class MoCo(ContrastiveModel):
         self.built = True  # every sublayer and state variable exists now
 
     # The encoders ---------------------------------------------------------
-    @property
-    def query_variables(self):
-        return self.backbone.trainable_variables + self.head.trainable_variables
-
     def embed(self, images, training=False):
         """L2-normalised query embeddings `[B, d]`."""
         return l2_normalize(self.head(self.backbone(images, training=training), training=training))
@@ -160,12 +168,8 @@ class MoCo(ContrastiveModel):
         self._enqueue(outputs["keys"])
 
     def _momentum_update(self):
-        query_weights = self.backbone.trainable_weights + self.head.trainable_weights
-        key_weights = self.key_backbone.trainable_weights + self.key_head.trainable_weights
-        apply_once([
-            (k, self.momentum * k + (1.0 - self.momentum) * tf.cast(q, k.dtype))
-            for q, k in zip(query_weights, key_weights)
-        ])
+        pairs = ema_pairs(self.backbone, self.key_backbone) + ema_pairs(self.head, self.key_head)
+        apply_once([(k, self.momentum * k + (1.0 - self.momentum) * tf.cast(q, k.dtype)) for q, k in pairs])
 
     def _enqueue(self, keys):
         keys = tf.cast(gather_across_replicas(keys), self.queue.dtype)

@@ -1,0 +1,155 @@
+"""k-means for the E-step: keras_pcl vs faiss-cpu vs scikit-learn, side by side in one run.
+
+    pip install -e ".[bench]"
+    python bench/kmeans_bench.py --n=50000 --k=1000,10000
+
+For each (N, K), on L2-normalised features drawn from a Gaussian mixture
+(d=128), two comparisons:
+
+* defaults (the headline): each library as a user would call it, early stop
+  allowed; keras_pcl's default path (on this CPU: TF graph mode, bf16
+  distance matmuls) and its forced-XLA path;
+* fixed: exactly 20 Lloyd iterations from the same initial centroids, on all
+  points (per-iteration cost).
+
+Objectives are recomputed identically for every method: the sum over all N
+points of the squared distance to the nearest returned centroid (exact, f32).
+Methods run alternately, `--repeats` times; the median time is reported.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def mixture(n, d, components, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(components, d)).astype(np.float32)
+    x = centres[rng.integers(0, components, n)] + 0.6 * rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def objective(x, centroids):
+    """Exact sum of squared distances to the nearest centroid (float64 accumulation)."""
+    import tensorflow as tf
+
+    c = tf.constant(centroids, tf.float32)
+    half = 0.5 * tf.reduce_sum(c * c, axis=1)
+    total = 0.0
+    for start in range(0, len(x), 8192):
+        tile = x[start:start + 8192]
+        nearest = tf.argmax(tf.matmul(tile, c, transpose_b=True) - half, axis=1).numpy()
+        total += np.sum(np.square(tile - centroids[nearest]), dtype=np.float64)
+    return float(total)
+
+
+def run_keras_pcl(x, k, fixed_init=None, jit=False):
+    from keras_pcl import clustering
+
+    options = dict(jit_compile=True) if jit else {}
+    if fixed_init is not None:
+        options.update(init=fixed_init, tol=0.0, num_iters=20, max_points_per_centroid=None)
+    start = time.perf_counter()
+    centroids, _ = clustering.kmeans(x, k, **options)
+    return time.perf_counter() - start, centroids
+
+
+def run_faiss(x, k, fixed_init=None):
+    import faiss
+
+    d = x.shape[1]
+    if fixed_init is None:
+        km = faiss.Kmeans(d, k, seed=1234)
+        start = time.perf_counter()
+        km.train(x)
+    else:
+        km = faiss.Kmeans(d, k, niter=20, max_points_per_centroid=len(x), seed=1234)
+        start = time.perf_counter()
+        km.train(x, init_centroids=fixed_init)
+    return time.perf_counter() - start, km.centroids
+
+
+def run_sklearn(x, k, fixed_init=None):
+    from sklearn.cluster import KMeans
+
+    if fixed_init is None:
+        km = KMeans(k, n_init=1, random_state=0)
+    else:
+        km = KMeans(k, init=fixed_init, n_init=1, max_iter=20, tol=0.0, algorithm="lloyd")
+    start = time.perf_counter()
+    km.fit(x)
+    return time.perf_counter() - start, km.cluster_centers_.astype(np.float32)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", default="50000", help="comma list of N")
+    parser.add_argument("--k", default="1000,10000", help="comma list of K")
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="keras_pcl,keras_pcl_xla,faiss,sklearn")
+    parser.add_argument("--modes", default="defaults,fixed")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from keras_pcl import clustering
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, "
+          f"keras_pcl default path: jit={clustering.resolve_jit_compile('auto')}, "
+          f"matmul={clustering.resolve_matmul_dtype('auto', False).name}")
+    runners = {
+        "keras_pcl": lambda x, k, init: run_keras_pcl(x, k, init),
+        "keras_pcl_xla": lambda x, k, init: run_keras_pcl(x, k, init, jit=True),
+        "faiss": run_faiss,
+        "sklearn": run_sklearn,
+    }
+    methods = args.methods.split(",")
+    rows = []
+    for n in (int(v) for v in args.n.split(",")):
+        x = mixture(n, args.d, 2000, seed=n)
+        for k in (int(v) for v in args.k.split(",")):
+            init = x[np.random.default_rng(k).choice(n, k, replace=False)]
+            for mode in args.modes.split(","):
+                fixed = init if mode == "fixed" else None
+                # One untimed call per method on the same data: tracing/compilation is not timed
+                # (the E-step traces once and reuses the graph every epoch).
+                for method in methods:
+                    runners[method](x, k, fixed)
+                times = {m: [] for m in methods}
+                centroids = {}
+                for _ in range(args.repeats):
+                    for method in methods:  # alternate methods within each repeat
+                        seconds, c = runners[method](x, k, fixed)
+                        times[method].append(seconds)
+                        centroids[method] = c
+                reference = None
+                for method in methods:
+                    obj = objective(x, centroids[method])
+                    reference = reference or (obj if method == "faiss" else None)
+                    rows.append(dict(n=n, k=k, mode=mode, method=method, seconds=statistics.median(times[method]),
+                                     all_seconds=[round(t, 3) for t in times[method]], objective=obj))
+                faiss_row = next((r for r in rows[-len(methods):] if r["method"] == "faiss"), None)
+                for row in rows[-len(methods):]:
+                    if faiss_row:
+                        row["time_vs_faiss"] = row["seconds"] / faiss_row["seconds"]
+                        row["objective_vs_faiss"] = row["objective"] / faiss_row["objective"] - 1
+                    print(f"N={n:>6} K={k:>5} {mode:<8} {row['method']:<14} {row['seconds']:>8.3f} s  "
+                          f"objective {row['objective']:.1f}"
+                          + (f"  time/faiss {row['time_vs_faiss']:.2f}x  objective vs faiss "
+                             f"{100 * row['objective_vs_faiss']:+.2f}%" if faiss_row else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
