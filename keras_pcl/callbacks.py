@@ -1,6 +1,7 @@
 """Callbacks: `PrototypeUpdate`, PCL's E-step."""
 
 import sys
+import time
 
 import numpy as np
 import keras
@@ -123,13 +124,16 @@ class PrototypeUpdate(keras.callbacks.Callback):
             self._estep_fn = self._compiled_estep(model)
         if self.verbose:
             print(f"E-step: embedding {model.num_samples} images with the momentum encoder")
+        started = time.perf_counter()
         features = embed_dataset(
             model.embed_keys, self.dataset, model.num_samples,
             strategy=model.distribute_strategy, verbose=self.verbose,
         )
+        embedded = time.perf_counter()
         results = self._estep_fn(features)
         model.set_prototypes(results)
-        self.stats = {}
+        finished = time.perf_counter()
+        self.stats = {"estep_embed_seconds": embedded - started, "estep_cluster_seconds": finished - embedded}
         for k, (_, phi, assignments) in zip(model.num_clusters, results):
             sizes = np.bincount(assignments.numpy(), minlength=k)
             self.stats.update({
@@ -139,7 +143,8 @@ class PrototypeUpdate(keras.callbacks.Callback):
                 f"k{k}_phi_max": float(np.max(phi)),
             })
         if self.verbose:
-            print("E-step: " + ", ".join(
+            print(f"E-step: {finished - started:.1f} s (embedding {embedded - started:.1f} s, clustering "
+                  f"{finished - embedded:.1f} s); " + ", ".join(
                 f"K={k}: {int(self.stats[f'k{k}_empty_clusters'])} empty, largest "
                 f"{int(self.stats[f'k{k}_largest_cluster'])}, phi "
                 f"{self.stats[f'k{k}_phi_min']:.3f}-{self.stats[f'k{k}_phi_max']:.3f}"

@@ -71,12 +71,14 @@ def _assign(points, centroids, tile_size, matmul_dtype):
     """
     dim = tf.shape(points)[1]
     tiles = tf.reshape(points, [-1, tile_size, dim])
+    # Scores x.c - |c|^2 / 2 as one matmul, [x, 1] . [c, -|c|^2 / 2]: no separate
+    # pass over the [tile, K] scores (in graph mode each pass is a full copy).
     half_sq_norm = 0.5 * tf.reduce_sum(tf.square(centroids), axis=1)
-    centroids_m = tf.cast(centroids, matmul_dtype)
+    augmented = tf.cast(tf.concat([centroids, -half_sq_norm[:, None]], axis=1), matmul_dtype)
+    ones = tf.ones([tile_size, 1], matmul_dtype)
 
     def assign_tile(tile):
-        scores = tf.matmul(tf.cast(tile, matmul_dtype), centroids_m, transpose_b=True)
-        scores = tf.cast(scores, tf.float32) - half_sq_norm[None, :]
+        scores = tf.matmul(tf.concat([tf.cast(tile, matmul_dtype), ones], axis=1), augmented, transpose_b=True)
         nearest = tf.argmax(scores, axis=1, output_type=tf.int32)
         # Exact float32 distance to the chosen centroid, whatever the matmul dtype.
         sq_dist = tf.reduce_sum(tf.square(tile - tf.gather(centroids, nearest)), axis=1)
@@ -114,7 +116,7 @@ def _update(points, assignments, centroids):
 
 
 def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype):
-    """One k-means run from `init_centroids`; returns (centroids, assignments, objective)."""
+    """One k-means run from `init_centroids`; returns (centroids, assignments, objective, iterations)."""
     num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
 
     def assign(centroids):
@@ -133,12 +135,12 @@ def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtyp
     def cond(step, centroids, assignments, objective, changed):
         return (step < num_iters) & (changed > tol)
 
-    _, centroids, assignments, objective, _ = tf.while_loop(
+    iterations, centroids, assignments, objective, _ = tf.while_loop(
         cond,
         body,
         (tf.constant(0), init_centroids, assignments, objective, tf.constant(np.inf, tf.float32)),
     )
-    return centroids, assignments, objective
+    return centroids, assignments, objective, iterations
 
 
 def _kmeans_plus_plus(points, num_clusters, seed):
@@ -185,8 +187,9 @@ def kmeans_graph(
 ):
     """`kmeans` as plain TensorFlow ops, to be called inside a `tf.function`.
 
-    Returns `(centroids [K, d], assignments [N] int32, objective)` where
-    objective is the sum of squared distances of all N points.
+    Returns `(centroids [K, d], assignments [N] int32, objective, iterations)`
+    where objective is the sum of squared distances of all N points and
+    iterations the Lloyd iterations of the kept restart.
     """
     features = tf.convert_to_tensor(features, tf.float32)
     num_points = features.shape[0]
@@ -220,18 +223,19 @@ def kmeans_graph(
         points, valid = (
             (all_points, all_valid) if train is features else _pad_to_tiles(train, tile_size)
         )
-        centroids, assignments, objective = _lloyd(
+        centroids, assignments, objective, iterations = _lloyd(
             points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype
         )
         if train is not features:
             assignments, sq_dist = _assign(all_points, centroids, tile_size, matmul_dtype)
             objective = tf.reduce_sum(tf.where(all_valid, sq_dist, 0.0))
         assignments = assignments[:num_points]
+        run = (centroids, assignments, objective, iterations)
         if best is None:
-            best = (centroids, assignments, objective)
+            best = run
         else:
             better = objective < best[2]
-            best = tuple(tf.where(better, new, old) for new, old in zip((centroids, assignments, objective), best))
+            best = tuple(tf.where(better, new, old) for new, old in zip(run, best))
     return best
 
 
@@ -255,7 +259,7 @@ def kmeans(
     init="random",
     jit_compile="auto",
     matmul_dtype="auto",
-    return_objective=False,
+    return_info=False,
 ):
     """Euclidean k-means (Lloyd), as the PCL reference runs it with faiss.
 
@@ -279,10 +283,11 @@ def kmeans(
         jit_compile: "auto" (XLA on GPU/TPU, graph mode on CPU), True or False.
         matmul_dtype: dtype of the distance matmul; "auto" picks bfloat16 in
             CPU graph mode on processors with bf16 units, float32 otherwise.
-        return_objective: also return the sum of squared distances.
+        return_info: also return `{"objective": sum of squared distances,
+            "iterations": Lloyd iterations run}`.
 
     Returns:
-        `(centroids [K, d], assignments [N])`, plus the objective when asked.
+        `(centroids [K, d], assignments [N])`, plus the info dict when asked.
         Centroids are cluster means (not re-normalised). Numpy in, numpy out.
     """
     if num_iters < 1:
@@ -315,18 +320,19 @@ def kmeans(
     as_numpy = not tf.is_tensor(features)
     explicit = not isinstance(init, str)
     if not tf.executing_eagerly():  # already inside a tf.function: plain ops
-        centroids, assignments, objective = kmeans_graph(features, **dict(options, init=init))
+        result = kmeans_graph(features, **dict(options, init=init))
     else:
         features = tf.convert_to_tensor(features, tf.float32)
         if explicit:  # the initial centroids are an argument, so one trace serves every init
-            compiled = _compiled_kmeans(jit, **options)
-            centroids, assignments, objective = compiled(features, tf.constant(init))
+            result = _compiled_kmeans(jit, **options)(features, tf.constant(init))
         else:
-            centroids, assignments, objective = _compiled_kmeans(jit, **options)(features)
-    result = (centroids, assignments, objective)
+            result = _compiled_kmeans(jit, **options)(features)
     if as_numpy:
         result = tuple(t.numpy() for t in result)
-    return result if return_objective else result[:2]
+    centroids, assignments, objective, iterations = result
+    if not return_info:
+        return centroids, assignments
+    return centroids, assignments, {"objective": objective, "iterations": iterations}
 
 
 def _percentile(values, q):
@@ -396,7 +402,7 @@ def prototype_estep(features, num_clusters, temperature=0.2, alpha=10.0, seed=0,
     """
     results = []
     for m, k in enumerate(num_clusters):
-        centroids, assignments, _ = kmeans_graph(features, int(k), seed=seed + m, **kmeans_options)
+        centroids, assignments, _, _ = kmeans_graph(features, int(k), seed=seed + m, **kmeans_options)
         phi = concentration(features, centroids, assignments, temperature, alpha)
         results.append((tf.math.l2_normalize(centroids, axis=1), phi, assignments))
     return results

@@ -22,8 +22,8 @@ def objective(x, centroids, assignments):
 
 def test_kmeans_matches_sklearn_on_blobs(blobs):
     x, y = blobs
-    centroids, assignments, obj = clustering.kmeans(
-        x, 8, init="k-means++", num_restarts=3, return_objective=True)
+    centroids, assignments, info = clustering.kmeans(x, 8, init="k-means++", num_restarts=3, return_info=True)
+    obj = info["objective"]
     reference = KMeans(8, n_init=10, random_state=0).fit(x)
     assert adjusted_rand_score(reference.labels_, assignments) >= 0.99
     assert adjusted_rand_score(y, assignments) >= 0.99
@@ -46,15 +46,18 @@ def test_fixed_iterations_match_numpy_lloyd(rng, tile_size):
     x = rng.normal(size=(500, 6)).astype(np.float32)
     init = x[rng.choice(500, 5, replace=False)]
     want_c, want_a = reference_lloyd(x.astype(np.float64), init.astype(np.float64), 4)
-    got_c, got_a = clustering.kmeans(
-        x, 5, num_iters=4, tol=0.0, init=init, tile_size=tile_size, matmul_dtype="float32")
+    got_c, got_a, info = clustering.kmeans(
+        x, 5, num_iters=4, tol=0.0, init=init, tile_size=tile_size, matmul_dtype="float32", return_info=True)
+    assert info["iterations"] == 4
     assert (got_a == want_a).mean() >= 0.998  # float32 ties may differ
     np.testing.assert_allclose(got_c, want_c, atol=1e-4)
 
 
 def test_early_stop_converges_to_a_fixed_point(blobs):
     x, _ = blobs
-    centroids, assignments = clustering.kmeans(x, 8, num_iters=100, tol=0.0, init="k-means++")
+    centroids, assignments, info = clustering.kmeans(x, 8, num_iters=100, tol=0.0, init="k-means++",
+                                                    return_info=True)
+    assert 1 <= info["iterations"] < 100  # stopped once nothing changed
     means = np.stack([x[assignments == k].mean(0) for k in range(8)])
     np.testing.assert_allclose(centroids, means, atol=1e-4)
 
@@ -71,8 +74,8 @@ def test_empty_clusters_are_refilled_by_splitting(rng):
 
 def test_restarts_keep_the_best_objective(rng):
     x = rng.normal(size=(600, 5)).astype(np.float32)
-    single = [clustering.kmeans(x, 12, seed=3, num_restarts=1, return_objective=True)[2]]
-    best = clustering.kmeans(x, 12, seed=3, num_restarts=4, return_objective=True)[2]
+    single = [clustering.kmeans(x, 12, seed=3, num_restarts=1, return_info=True)[2]["objective"]]
+    best = clustering.kmeans(x, 12, seed=3, num_restarts=4, return_info=True)[2]["objective"]
     assert best <= single[0] + 1e-3
 
 
@@ -92,10 +95,10 @@ def test_bfloat16_distances_stay_close_to_float32(rng):
 
     def run(num_iters, dtype):
         return clustering.kmeans(x, 50, tol=0.0, num_iters=num_iters, init=init,
-                                 matmul_dtype=dtype, return_objective=True)
+                                 matmul_dtype=dtype, return_info=True)
 
     assert (run(1, "float32")[1] == run(1, "bfloat16")[1]).mean() > 0.95
-    o32, o16 = run(20, "float32")[2], run(20, "bfloat16")[2]
+    o32, o16 = run(20, "float32")[2]["objective"], run(20, "bfloat16")[2]["objective"]
     assert abs(o16 - o32) / o32 < 0.005
 
 

@@ -264,3 +264,22 @@ def test_nan_guard_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path, di
     assert keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt")).restore(restored) == 1
     np.testing.assert_array_equal(restored.queue.numpy(), queue_before)
     assert all(np.isfinite(w.numpy()).all() for w in restored.weights)
+
+
+def test_checkpoint_holds_prototypes_and_concentrations(tmp_path, digits):
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), warmup_epochs=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(model)
+    update.run_estep()
+    checkpoint = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path))
+    checkpoint.set_model(model)
+    checkpoint.save(epoch=3)
+    restored = tiny_pcl(len(images), warmup_epochs=0)
+    restored.compile(optimizer=keras.optimizers.SGD(0.01))
+    assert keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path)).restore(restored) == 3
+    for a, b in zip(restored.prototypes + restored.concentrations + [restored.assignments, restored.prototypes_ready],
+                    model.prototypes + model.concentrations + [model.assignments, model.prototypes_ready]):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert restored.prototypes[0].numpy().any()  # really restored, not initial zeros

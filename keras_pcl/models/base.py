@@ -64,6 +64,13 @@ def apply_once(assignments):
     context.merge_call(merge_fn, args=tuple(values))
 
 
+def _multi_worker():
+    strategy = tf.distribute.get_strategy()
+    # The same test Keras' TF trainer uses to pick its cross-worker reduction.
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        strategy.extended._in_multi_worker_mode()  # noqa: SLF001 (no public accessor)
+
+
 def l2_normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
@@ -99,6 +106,15 @@ class ContrastiveModel(keras.Model):
         """The weights gradients update (momentum encoders' variables are non-trainable)."""
         return self.trainable_variables
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras probes a data batch here to build the model under a strategy.
+        # These models are built in __init__, so only the optimizer is left to
+        # build; skipping the probe also avoids keras-team/keras#20585, where the
+        # probe fails under MultiWorkerMirroredStrategy (tested in test_multiworker).
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     def forward(self, views, index, training):
         raise NotImplementedError
 
@@ -133,7 +149,16 @@ class ContrastiveModel(keras.Model):
             self._trackers[name].update_state(value)
         for name in self.metric_names:
             self._trackers[name].update_state(outputs[name])
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        return self._logs()
+
+    def _logs(self):
+        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if _multi_worker():
+            # Keras reduces logs across workers with `strategy.reduce(..., axis=0)`,
+            # which rejects scalars ("Invalid reduction dimension 0"); shape [1]
+            # reduces to the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     def test_step(self, data):
         views, index = self._unpack(data)
@@ -144,4 +169,4 @@ class ContrastiveModel(keras.Model):
             self._trackers[name].update_state(value)
         for name in self.metric_names:
             self._trackers[name].update_state(outputs[name])
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        return self._logs()

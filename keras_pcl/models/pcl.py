@@ -73,15 +73,13 @@ class PCL(MoCo):
         self.num_negative_prototypes = (
             None if num_negative_prototypes is None else int(num_negative_prototypes)
         )
-        self.prototypes = [
-            self.add_weight(shape=(k, self.embedding_dim), name=f"prototypes_{m}", trainable=False,
-                            initializer="zeros")
-            for m, k in enumerate(num_clusters)
-        ]
-        self.concentrations = [
-            self.add_weight(shape=(k,), name=f"concentration_{m}", trainable=False, initializer="ones")
-            for m, k in enumerate(num_clusters)
-        ]
+        # One attribute per variable (the lists below are derived): TensorFlow's
+        # checkpoints follow attributes, not Python lists, in Keras 3 layers.
+        for m, k in enumerate(num_clusters):
+            setattr(self, f"prototypes_{m}", self.add_weight(
+                shape=(k, self.embedding_dim), name=f"prototypes_{m}", trainable=False, initializer="zeros"))
+            setattr(self, f"concentration_{m}", self.add_weight(
+                shape=(k,), name=f"concentration_{m}", trainable=False, initializer="ones"))
         self.assignments = self.add_weight(
             shape=(len(num_clusters), self.num_samples), dtype="int32", name="assignments",
             trainable=False, initializer="zeros",
@@ -89,6 +87,16 @@ class PCL(MoCo):
         self.prototypes_ready = self.add_weight(
             shape=(), dtype="int32", name="prototypes_ready", trainable=False, initializer="zeros"
         )
+
+    @property
+    def prototypes(self):
+        """Per granularity, the `[K_m, d]` prototype variable."""
+        return [getattr(self, f"prototypes_{m}") for m in range(len(self.num_clusters))]
+
+    @property
+    def concentrations(self):
+        """Per granularity, the `[K_m]` concentration (phi) variable."""
+        return [getattr(self, f"concentration_{m}") for m in range(len(self.num_clusters))]
 
     def set_prototypes(self, results):
         """Writes the E-step's output into the model (from outside `fit`'s step).

@@ -1,0 +1,135 @@
+"""Train-step throughput: keras_pcl's PCL step vs a PyTorch peer, alternately in one run.
+
+    pip install -e ".[bench]"
+    python bench/train_step_bench.py --steps=4 --rounds=2
+
+The step: PCL with ResNet-18 (CIFAR stem), 32x32x3, global batch 256,
+queue 16384, momentum encoder, InfoNCE + ProtoNCE over 3 granularities
+(250/500/1000 prototypes, exact softmax). keras_pcl runs in fp32 graph mode,
+with `jit_compile=True`, and under `mixed_bfloat16`; the peer in fp32 and
+under `torch.autocast("cpu", dtype=torch.bfloat16)`. Each configuration is
+timed for `--steps` steps after 2 untimed ones, and the configurations
+alternate for `--rounds` rounds; images/s is the median over rounds.
+The roofline columns divide the achieved FLOP rate (4.4 GFLOP per image,
+forward + backward + key forward, counted for this step) by the measured
+peak matmul rate of this machine for that precision (`--peak_fp32`,
+`--peak_bf16`, GFLOP/s, from bench/RESULTS.md).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+BATCH, SIZE, QUEUE, CLUSTERS = 256, 32, 16384, (250, 500, 1000)
+NUM_SAMPLES = 50000
+
+
+def keras_step_runner(precision, jit):
+    import keras
+    import tensorflow as tf
+
+    import keras_pcl
+    from keras_pcl import backbones
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    model = keras_pcl.PCL(backbones.resnet18((SIZE, SIZE, 3)), backbones.mlp_head(128, 2048),
+                          num_samples=NUM_SAMPLES, num_clusters=CLUSTERS, warmup_epochs=0, queue_size=QUEUE,
+                          momentum=0.999, temperature=0.2)
+    rng = np.random.default_rng(0)
+    results = []
+    for k in CLUSTERS:
+        prototypes = rng.normal(size=(k, 128)).astype(np.float32)
+        results.append((prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True),
+                        np.full(k, 0.2, np.float32), rng.integers(0, k, NUM_SAMPLES)))
+    model.set_prototypes(results)
+    model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4), jit_compile=jit)
+    keras.mixed_precision.set_global_policy("float32")
+    views = tf.random.uniform([2, BATCH, SIZE, SIZE, 3])
+    batch = ((views[0], views[1]), tf.range(BATCH))
+    step = model.make_train_function()  # Keras' compiled train function over an iterator
+
+    def run(steps):
+        iterator = iter(tf.data.Dataset.from_tensors(batch).repeat(steps))
+        start = time.perf_counter()
+        for _ in range(steps):
+            logs = step(iterator)
+        float(logs["loss"])  # wait for the last step
+        return time.perf_counter() - start
+
+    return run
+
+
+def torch_step_runner(precision):
+    import torch
+
+    from torch_pcl_peer import PCLStep
+
+    torch.manual_seed(0)
+    model = PCLStep(NUM_SAMPLES, CLUSTERS, queue_size=QUEUE)
+    view1, view2 = torch.rand(BATCH, 3, SIZE, SIZE), torch.rand(BATCH, 3, SIZE, SIZE)
+    index = torch.arange(BATCH)
+
+    def run(steps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.step(view1, view2, index, autocast=precision == "bf16")
+        return time.perf_counter() - start
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--configs", default="torch_fp32,keras_fp32,keras_xla_fp32,torch_bf16,keras_bf16")
+    parser.add_argument("--gflop_per_image", type=float, default=4.4)
+    parser.add_argument("--peak_fp32", type=float, default=295.0)
+    parser.add_argument("--peak_bf16", type=float, default=1240.0)
+    args = parser.parse_args()
+
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tensorflow as tf
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    print(f"# {os.cpu_count()} cores, TF {tf.__version__}, torch {torch.__version__}, batch {BATCH}, "
+          f"{SIZE}x{SIZE}x3, queue {QUEUE}, prototypes {CLUSTERS}")
+    builders = {
+        "torch_fp32": lambda: torch_step_runner("fp32"),
+        "torch_bf16": lambda: torch_step_runner("bf16"),
+        "keras_fp32": lambda: keras_step_runner("fp32", False),
+        "keras_xla_fp32": lambda: keras_step_runner("fp32", True),
+        "keras_bf16": lambda: keras_step_runner("bf16", False),
+    }
+    configs = args.configs.split(",")
+    runners = {}
+    for name in configs:
+        runners[name] = builders[name]()
+        runners[name](2)  # trace / compile / warm up
+    rates = {name: [] for name in configs}
+    for round_ in range(args.rounds):
+        for name in configs:
+            seconds = runners[name](args.steps)
+            rates[name].append(args.steps * BATCH / seconds)
+            print(f"round {round_ + 1} {name:<15} {rates[name][-1]:7.1f} images/s", flush=True)
+    print()
+    print(f"{'config':<15}{'images/s':>10}{'vs torch':>10}{'roofline':>10}")
+    for name in configs:
+        rate = statistics.median(rates[name])
+        peer = "torch_bf16" if name.endswith("bf16") else "torch_fp32"
+        ratio = rate / statistics.median(rates[peer]) if peer in rates and not name.startswith("torch") else None
+        peak = args.peak_bf16 if name.endswith("bf16") else args.peak_fp32
+        roofline = rate * args.gflop_per_image / peak
+        print(f"{name:<15}{rate:>10.1f}{(f'{ratio:.2f}x' if ratio else '-'):>10}{100 * roofline:>9.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""One worker of the MultiWorkerMirroredStrategy test (run by tests/test_multiworker.py).
+
+Usage: TF_CONFIG=... python multiworker_worker.py OUT.npz
+Trains PCL on digits for 2 epochs (warm-up 1, so one E-step) and saves the
+queue, prototypes and key-encoder weights this worker holds.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_pcl  # noqa: E402
+from keras_pcl import backbones, data  # noqa: E402
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy(
+    communication_options=tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING))
+images = data.load_digits()[0][:256]
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+x = data.to_float(images)
+index = np.arange(len(images), dtype=np.int32)
+# Global batch 64: each of the 2 workers gets 32 per step.
+train = tf.data.Dataset.from_tensor_slices(((x, x), index)).batch(64, drop_remainder=True).with_options(options)
+estep = data.eval_dataset(images, 64).with_options(options)
+keras.utils.set_random_seed(3)
+with strategy.scope():
+    model = keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="none"), backbones.mlp_head(16, 32),
+                          num_samples=len(images), num_clusters=(5, 8), warmup_epochs=1, queue_size=128,
+                          momentum=0.9, shuffle_keys=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    update = keras_pcl.PrototypeUpdate(estep, verbose=0)
+history = model.fit(train, epochs=2, callbacks=[update], verbose=0).history
+np.savez(sys.argv[1], queue=model.queue.numpy(), pointer=model.queue_pointer.numpy(),
+         assignments=model.assignments.numpy(), proto_nce=np.array(history["proto_nce"], np.float64),
+         **{f"prototypes_{m}": p.numpy() for m, p in enumerate(model.prototypes)},
+         **{f"key_{i}": w.numpy() for i, w in enumerate(model.key_backbone.weights + model.key_head.weights)})
+print("worker done", flush=True)
