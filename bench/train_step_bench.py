@@ -6,14 +6,17 @@
 The step: PCL with ResNet-18 (CIFAR stem), 32x32x3, global batch 256,
 queue 16384, momentum encoder, InfoNCE + ProtoNCE over 3 granularities
 (250/500/1000 prototypes, exact softmax). keras_pcl runs in fp32 graph mode,
-with `jit_compile=True`, and under `mixed_bfloat16`; the peer in fp32 and
+with `jit_compile=True`, and under `mixed_bfloat16`, with its default split
+BatchNorm (the shuffle-BN replacement) and, as `keras_bn_*`, with plain
+BatchNorm like the peer's; the peer in fp32 and
 under `torch.autocast("cpu", dtype=torch.bfloat16)`. Each configuration is
 timed for `--steps` steps after 2 untimed ones, and the configurations
 alternate for `--rounds` rounds; images/s is the median over rounds.
-The roofline columns divide the achieved FLOP rate (4.4 GFLOP per image,
-forward + backward + key forward, counted for this step) by the measured
-peak matmul rate of this machine for that precision (`--peak_fp32`,
-`--peak_bf16`, GFLOP/s, from bench/RESULTS.md).
+The roofline column divides the achieved FLOP rate (4.4 GFLOP per image:
+forward + backward of the query encoder and forward of the key encoder, as
+counted for issue 4) by the peak matmul rate of this machine for that
+precision, measured at start (a 4096^2 matmul in TF graph mode), or given
+with `--peak_fp32` / `--peak_bf16` in GFLOP/s.
 """
 
 import argparse
@@ -29,7 +32,7 @@ BATCH, SIZE, QUEUE, CLUSTERS = 256, 32, 16384, (250, 500, 1000)
 NUM_SAMPLES = 50000
 
 
-def keras_step_runner(precision, jit):
+def keras_step_runner(precision, jit, norm="split"):
     import keras
     import tensorflow as tf
 
@@ -37,7 +40,7 @@ def keras_step_runner(precision, jit):
     from keras_pcl import backbones
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
-    model = keras_pcl.PCL(backbones.resnet18((SIZE, SIZE, 3)), backbones.mlp_head(128, 2048),
+    model = keras_pcl.PCL(backbones.resnet18((SIZE, SIZE, 3), norm=norm), backbones.mlp_head(128, 2048),
                           num_samples=NUM_SAMPLES, num_clusters=CLUSTERS, warmup_epochs=0, queue_size=QUEUE,
                           momentum=0.999, temperature=0.2)
     rng = np.random.default_rng(0)
@@ -51,7 +54,8 @@ def keras_step_runner(precision, jit):
     keras.mixed_precision.set_global_policy("float32")
     views = tf.random.uniform([2, BATCH, SIZE, SIZE, 3])
     batch = ((views[0], views[1]), tf.range(BATCH))
-    step = model.make_train_function()  # Keras' compiled train function over an iterator
+    model.make_train_function()  # Keras' compiled train function over an iterator
+    step = model.train_function
 
     def run(steps):
         iterator = iter(tf.data.Dataset.from_tensors(batch).repeat(steps))
@@ -83,14 +87,32 @@ def torch_step_runner(precision):
     return run
 
 
+def measure_peak(size=4096, repeats=5):
+    """Best TF graph-mode matmul rate (GFLOP/s) on this machine, fp32 and bf16."""
+    import tensorflow as tf
+
+    peaks = {}
+    for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
+        a = tf.cast(tf.random.normal([size, size]), dtype)
+        matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
+        matmul(a, a).numpy()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, a).numpy()
+            best = min(best, time.perf_counter() - start)
+        peaks[name] = 2 * size ** 3 / best / 1e9
+    return peaks
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--configs", default="torch_fp32,keras_fp32,keras_xla_fp32,torch_bf16,keras_bf16")
     parser.add_argument("--gflop_per_image", type=float, default=4.4)
-    parser.add_argument("--peak_fp32", type=float, default=295.0)
-    parser.add_argument("--peak_bf16", type=float, default=1240.0)
+    parser.add_argument("--peak_fp32", type=float, default=0.0, help="GFLOP/s; 0 measures it here")
+    parser.add_argument("--peak_bf16", type=float, default=0.0, help="GFLOP/s; 0 measures it here")
     args = parser.parse_args()
 
     import sys
@@ -108,7 +130,15 @@ def main():
         "keras_fp32": lambda: keras_step_runner("fp32", False),
         "keras_xla_fp32": lambda: keras_step_runner("fp32", True),
         "keras_bf16": lambda: keras_step_runner("bf16", False),
+        # Like-for-like with the peer's plain BatchNorm (keras_pcl's default is split BN):
+        "keras_bn_fp32": lambda: keras_step_runner("fp32", False, "batch"),
+        "keras_bn_bf16": lambda: keras_step_runner("bf16", False, "batch"),
     }
+    if not args.peak_fp32 or not args.peak_bf16:
+        peaks = measure_peak()
+        args.peak_fp32 = args.peak_fp32 or peaks["fp32"]
+        args.peak_bf16 = args.peak_bf16 or peaks["bf16"]
+    print(f"# peak matmul (TF graph, 4096^2): fp32 {args.peak_fp32:.0f} GFLOP/s, bf16 {args.peak_bf16:.0f} GFLOP/s")
     configs = args.configs.split(",")
     runners = {}
     for name in configs:

@@ -299,6 +299,14 @@ def main(argv):
         fit_callbacks.append(evaluation.KNNMonitor(split.train_images, split.train_labels, split.test_images,
                                                    split.test_labels, FLAGS.knn_every, FLAGS.knn_k,
                                                    image_size=image_size))
+    class LogLearningRate(keras.callbacks.Callback):
+        """Puts the current learning rate into the epoch logs (TensorBoard, history.json)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    fit_callbacks.append(LogLearningRate())
     fit_callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False))
     history = {}
     history_path = os.path.join(out, "history.json")

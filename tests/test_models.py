@@ -283,3 +283,25 @@ def test_checkpoint_holds_prototypes_and_concentrations(tmp_path, digits):
                     model.prototypes + model.concentrations + [model.assignments, model.prototypes_ready]):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert restored.prototypes[0].numpy().any()  # really restored, not initial zeros
+
+
+def test_mixed_bfloat16_keeps_losses_and_clustering_in_float32(digits):
+    images = digits[0][:128]
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="split", num_splits=2),
+                              backbones.mlp_head(16, 32), num_samples=len(images), num_clusters=(4,),
+                              warmup_epochs=1, queue_size=64, momentum=0.9)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+        history = model.fit(fixed_views(images), epochs=2, callbacks=[update], verbose=0).history
+        x = data.to_float(images[:32])
+        assert model.backbone(x).dtype == tf.bfloat16  # the encoder really computes in bf16
+        terms, outputs = model.forward((x, x), tf.range(32), training=False)
+        assert all(t.dtype == tf.float32 for t in terms.values())
+        assert outputs["query"].dtype == tf.float32 and model.embed_keys(x).dtype == tf.float32
+        for variable in [model.queue] + model.prototypes + model.concentrations:
+            assert variable.dtype == "float32"
+        assert np.isfinite(history["loss"]).all() and history["proto_nce"][1] > 0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

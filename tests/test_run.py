@@ -37,6 +37,8 @@ def test_quickstart_writes_every_output(quickstart_run):
     assert results["evaluation"]["encoder"]["linear_top1"] > 0.5  # far above chance (0.1)
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
+    assert history["learning_rate"][0] > history["learning_rate"][1] > history["learning_rate"][2] >= 0  # cosine
+    assert history["estep_cluster_seconds"][1] > 0
     assert history["proto_nce"][0] == 0.0 and history["proto_nce"][1] > 0.0
     assert history["val_knn_top1"][0] is None and history["val_knn_top1"][1] is not None
     assert results["last_estep"]["k10_empty_clusters"] == 0.0
