@@ -305,3 +305,17 @@ def test_mixed_bfloat16_keeps_losses_and_clustering_in_float32(digits):
         assert np.isfinite(history["loss"]).all() and history["proto_nce"][1] > 0
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_evaluate_reports_losses_without_changing_state(digits):
+    model = tiny_moco()
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    views = fixed_views(digits[0][:64])
+    model.fit(views, epochs=1, verbose=0)
+    queue, weights = model.queue.numpy().copy(), [w.numpy().copy() for w in model.weights]
+    results = model.evaluate(views, verbose=0, return_dict=True)
+    assert set(results) == {"loss", "info_nce", "instance_acc"}
+    assert results["loss"] == pytest.approx(results["info_nce"]) and results["loss"] > 0
+    np.testing.assert_array_equal(model.queue.numpy(), queue)
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(after.numpy(), before)

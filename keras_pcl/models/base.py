@@ -88,7 +88,7 @@ class ContrastiveModel(keras.Model):
     exactly these.
     """
 
-    loss_names = ("loss",)
+    loss_names = ()
     metric_names = ()
 
     def _create_trackers(self):
@@ -144,6 +144,15 @@ class ContrastiveModel(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
         self.after_step(outputs)
+        return self._update_trackers(loss, terms, outputs)
+
+    def test_step(self, data):
+        views, index = self._unpack(data)
+        losses, outputs = self.forward(views, index, training=False)
+        terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
+        return self._update_trackers(tf.add_n(list(terms.values())), terms, outputs)
+
+    def _update_trackers(self, loss, terms, outputs):
         self._trackers["loss"].update_state(loss)
         for name, value in terms.items():
             self._trackers[name].update_state(value)
@@ -160,13 +169,3 @@ class ContrastiveModel(keras.Model):
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
-    def test_step(self, data):
-        views, index = self._unpack(data)
-        losses, outputs = self.forward(views, index, training=False)
-        terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
-        self._trackers["loss"].update_state(tf.add_n(list(terms.values())))
-        for name, value in terms.items():
-            self._trackers[name].update_state(value)
-        for name in self.metric_names:
-            self._trackers[name].update_state(outputs[name])
-        return self._logs()
