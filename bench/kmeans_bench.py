@@ -126,6 +126,9 @@ def main():
     for n in (int(v) for v in args.n.split(",")):
         x = mixture(n, args.d, 2000, seed=n)
         for k in (int(v) for v in args.k.split(",")):
+            if k * 10 > n:  # under 10 points per cluster: not a clustering workload
+                print(f"N={n:>6} K={k:>5} skipped: fewer than 10 points per cluster")
+                continue
             init = x[np.random.default_rng(k).choice(n, k, replace=False)]
             for mode in args.modes.split(","):
                 fixed = init if mode == "fixed" else None
@@ -151,7 +154,8 @@ def main():
                 for row in rows[-len(methods):]:
                     if faiss_row:
                         row["time_vs_faiss"] = row["seconds"] / faiss_row["seconds"]
-                        row["objective_vs_faiss"] = row["objective"] / faiss_row["objective"] - 1
+                        row["objective_vs_faiss"] = (row["objective"] / faiss_row["objective"] - 1
+                                                     if faiss_row["objective"] else 0.0)
                     print(f"N={n:>6} K={k:>5} {mode:<8} {row['method']:<14} {row['seconds']:>8.3f} s  "
                           f"{row['iterations']:>3} it ({1000 * row['seconds'] / max(row['iterations'], 1):6.0f} ms/it)  "
                           f"objective {row['objective']:.1f}"

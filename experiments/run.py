@@ -160,7 +160,7 @@ def parse_flags():
         raise UsageError(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
     if FLAGS.queue_size % FLAGS.batch_size:
         raise UsageError(f"--queue_size {FLAGS.queue_size} is not a multiple of --batch_size {FLAGS.batch_size}; "
-                         f"use e.g. {max(1, FLAGS.queue_size // FLAGS.batch_size) * FLAGS.batch_size}.")
+                         f"use e.g. {-(-FLAGS.queue_size // FLAGS.batch_size) * FLAGS.batch_size}.")
     if FLAGS.norm == "split" and (FLAGS.num_splits < 1 or FLAGS.batch_size % FLAGS.num_splits):
         raise UsageError(f"--batch_size {FLAGS.batch_size} is not divisible by --num_splits {FLAGS.num_splits}; "
                          "change either, or use --norm=batch.")

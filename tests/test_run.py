@@ -110,7 +110,7 @@ BAD_INPUTS = [
     ("only corrupt files", ["--dataset=folder:{tmp}/corrupt"], "none of the 2 files"),
     ("smaller than a batch", ["--batch_size=2048", "--queue_size=2048"], "is larger than the dataset"),
     ("too many clusters", ["--num_clusters=10,5000"], "--num_clusters 5000 exceeds the 1438 training images"),
-    ("queue not a multiple", ["--queue_size=1000"], "--queue_size 1000 is not a multiple of --batch_size 128"),
+    ("queue not a multiple", ["--queue_size=1000"], "--queue_size 1000 is not a multiple of --batch_size 128; use e.g. 1024."),
     ("zero temperature", ["--temperature=0"], "--temperature must be > 0"),
     ("negative temperature", ["--temperature=-0.1"], "--temperature must be > 0"),
     ("momentum of 1", ["--momentum=1.0"], "--momentum must be in [0, 1)"),

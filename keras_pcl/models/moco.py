@@ -142,7 +142,7 @@ class MoCo(ContrastiveModel):
             raise ValueError(
                 f"queue_size={self.queue_size} is not a multiple of the global batch size "
                 f"{global_batch}; choose a queue_size divisible by it (e.g. "
-                f"{max(1, self.queue_size // global_batch) * global_batch})."
+                f"{-(-self.queue_size // global_batch) * global_batch})."
             )
 
     def forward(self, views, index, training):
