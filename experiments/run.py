@@ -230,7 +230,6 @@ def main(argv):
     config = run_config()
     resuming = check_output_dir(config)
 
-    import numpy as np
     import keras
     import tensorflow as tf
 

@@ -13,7 +13,6 @@ baseline every number should be read against.
 
 import numpy as np
 import keras
-import tensorflow as tf
 from sklearn import metrics
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
