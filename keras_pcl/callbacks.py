@@ -10,23 +10,36 @@ import tensorflow as tf
 from keras_pcl import clustering
 
 
-def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0):
+def embedding_step(embed_fn):
+    """A compiled `batch -> (features float32, index int32)` step for `embed_dataset`.
+
+    Build it once and pass it to every call: a new one re-traces the encoder.
+    """
+
+    @tf.function
+    def step(batch):
+        images, index = batch[0], batch[1]
+        return tf.cast(embed_fn(images), tf.float32), tf.cast(index, tf.int32)
+
+    return step
+
+
+def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0, step=None):
     """Embeds every image of an `(image, index, ...)` dataset, rows in index order.
 
     Under a multi-replica strategy the batches are spread over replicas and
     gathered back; rows are placed by index, so order and uneven last batches
     never matter.
 
+    Args:
+        step: an `embedding_step(embed_fn)` to reuse across calls (one is made if None).
+
     Returns:
         `[num_samples, d]` float32 tensor.
     """
     strategy = strategy or tf.distribute.get_strategy()
     distributed = strategy.num_replicas_in_sync > 1
-
-    @tf.function
-    def step(batch):
-        images, index = batch[0], batch[1]
-        return tf.cast(embed_fn(images), tf.float32), tf.cast(index, tf.int32)
+    step = step or embedding_step(embed_fn)
 
     # A progress bar where a person watches; a non-interactive log gets the summary line only.
     interactive = verbose and hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
@@ -95,7 +108,7 @@ class PrototypeUpdate(keras.callbacks.Callback):
                                    tol=float(tol), init=init)
         self.alpha, self.jit_compile, self.seed, self.verbose = alpha, jit_compile, seed, verbose
         self.stats = {}
-        self._estep_fn = None
+        self._estep_fn = self._embed_step = None
 
     def _compiled_estep(self, model):
         jit = clustering.resolve_jit_compile(self.jit_compile)
@@ -120,14 +133,15 @@ class PrototypeUpdate(keras.callbacks.Callback):
     def run_estep(self):
         """Embeds, clusters and updates the model now; returns the per-granularity results."""
         model = self.model
-        if self._estep_fn is None:
+        if self._estep_fn is None:  # traced once, reused by every E-step
             self._estep_fn = self._compiled_estep(model)
+            self._embed_step = embedding_step(model.embed_keys)
         if self.verbose:
             print(f"E-step: embedding {model.num_samples} images with the momentum encoder")
         started = time.perf_counter()
         features = embed_dataset(
             model.embed_keys, self.dataset, model.num_samples,
-            strategy=model.distribute_strategy, verbose=self.verbose,
+            strategy=model.distribute_strategy, verbose=self.verbose, step=self._embed_step,
         )
         embedded = time.perf_counter()
         results = self._estep_fn(features)
