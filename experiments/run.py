@@ -74,6 +74,7 @@ flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps
 flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (0: off).")
 flags.DEFINE_integer("knn_k", 200, "Neighbours of the weighted kNN.")
 flags.DEFINE_integer("low_shot_draws", 5, "Draws per shot count of the low-shot SVM.")
+flags.DEFINE_boolean("raw_pixels", True, "Also evaluate raw pixels as a baseline beside the encoder.")
 flags.DEFINE_boolean("export", True, "Write the SavedModel and model.keras.")
 flags.DEFINE_boolean("plots", True, "Write the PNG pictures.")
 flags.DEFINE_boolean("debug", False, "Show full tracebacks instead of one-line errors.")
@@ -82,7 +83,7 @@ RUN_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)
 
 # Flags that do not change what a run computes: they may differ on resume.
 RESUMABLE = {"epochs", "output_dir", "overwrite", "debug", "plots", "export", "knn_every", "low_shot_draws",
-             "checkpoint_every_steps", "steps_per_epoch"}
+             "checkpoint_every_steps", "steps_per_epoch", "raw_pixels"}
 
 
 # Smallest input side each encoder can take (its total downsampling).
@@ -277,9 +278,6 @@ def main(argv):
 
     channels = split.image_shape[-1]
     pipeline = augment.get_preset(FLAGS.augmentation, image_size, channels, crop)
-    train_ds = data.contrastive_dataset(split.train_images, pipeline, FLAGS.batch_size, seed=FLAGS.seed)
-    if FLAGS.steps_per_epoch:
-        train_ds = train_ds.take(steps)
     train_eval_ds = data.eval_dataset(split.train_images, 512, image_size)
 
     out = FLAGS.output_dir
@@ -287,6 +285,9 @@ def main(argv):
     initial_epoch = checkpoint.restore(model)
     if resuming and initial_epoch:
         print(f"resuming {out} at epoch {initial_epoch}")
+    # Epoch e's order and augmentations depend only on (seed, e): a resumed run sees the same data.
+    train_ds = data.contrastive_dataset(split.train_images, pipeline, FLAGS.batch_size, seed=FLAGS.seed,
+                                        epochs=FLAGS.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps)
     # The guard runs first, so a step with a NaN/Inf loss is never checkpointed.
     fit_callbacks = [callbacks.NonFiniteLossGuard(), checkpoint]
     if FLAGS.method == "pcl":
@@ -331,7 +332,8 @@ def main(argv):
     started = time.time()
     if initial_epoch < FLAGS.epochs:
         try:
-            model.fit(train_ds, epochs=FLAGS.epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks,
+            model.fit(train_ds, epochs=FLAGS.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                      callbacks=fit_callbacks,
                       verbose=1 if sys.stdout.isatty() else 2)
         except callbacks.NonFiniteLossError as error:
             raise TrainingDiverged(str(error)) from None
@@ -341,11 +343,11 @@ def main(argv):
     print("evaluating the frozen encoder and raw pixels")
     rows = {}
     if split.has_labels:
-        feature_sets = {
-            "encoder": [evaluation.extract_features(model.backbone, x, image_size=image_size)
-                        for x in (split.train_images, split.test_images)],
-            "raw_pixels": [evaluation.raw_pixel_features(x) for x in (split.train_images, split.test_images)],
-        }
+        feature_sets = {"encoder": [evaluation.extract_features(model.backbone, x, image_size=image_size)
+                                    for x in (split.train_images, split.test_images)]}
+        if FLAGS.raw_pixels:
+            feature_sets["raw_pixels"] = [evaluation.raw_pixel_features(x)
+                                          for x in (split.train_images, split.test_images)]
         for name, (train_f, test_f) in feature_sets.items():
             rows[name] = evaluation.evaluate_features(train_f, split.train_labels, test_f, split.test_labels,
                                                       knn_k=FLAGS.knn_k, draws=FLAGS.low_shot_draws,

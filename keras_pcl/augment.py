@@ -43,12 +43,12 @@ class RandomResizedCrop(keras.layers.Layer):
         self.height, self.width = int(height), int(width)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation, self.seed = interpolation, seed
-        self._rng = tf.random.Generator.from_seed(seed) if seed is not None else None
+        # A Keras SeedGenerator, like the core augmentation layers: its state is a
+        # variable, so keras_pcl.data can reseed every layer of a pipeline per batch.
+        self.generator = keras.random.SeedGenerator(seed)
 
     def _uniform(self, shape, low, high):
-        if self._rng is not None:
-            return self._rng.uniform(shape, low, high)
-        return tf.random.uniform(shape, low, high)
+        return keras.random.uniform(shape, low, high, seed=self.generator)
 
     def call(self, images, training=True):
         images = tf.convert_to_tensor(images)
@@ -108,7 +108,7 @@ class RandomApply(keras.layers.Layer):
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
         self.layer, self.rate, self.seed = layer, float(rate), seed
-        self._rng = tf.random.Generator.from_seed(seed) if seed is not None else None
+        self.generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -119,7 +119,7 @@ class RandomApply(keras.layers.Layer):
             return images
         transformed = self.layer(images, training=True)
         batch = tf.shape(images)[0]
-        draws = self._rng.uniform([batch]) if self._rng is not None else tf.random.uniform([batch])
+        draws = keras.random.uniform([batch], seed=self.generator)
         keep = tf.reshape(draws < self.rate, [-1, 1, 1, 1])
         return tf.where(keep, tf.cast(transformed, images.dtype), images)
 

@@ -190,7 +190,10 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     >>> model.fit(ds, epochs=100, initial_epoch=initial_epoch, callbacks=[checkpoint])  # doctest: +SKIP
 
     A checkpoint taken mid-epoch resumes at the start of that epoch with the
-    weights of the moment it was saved.
+    weights of the moment it was saved. There is no separate random state: with
+    `keras_pcl.data.contrastive_dataset(..., epochs=E, initial_epoch=e)` the data
+    and augmentations are functions of (seed, epoch, step), and the models'
+    random draws of the optimizer step, so an epoch-boundary resume is exact.
     """
 
     def __init__(self, directory, save_every_steps=0, max_to_keep=3):

@@ -39,7 +39,8 @@ def to_float(images):
     return tf.cast(images, tf.float32)
 
 
-def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augment_view2=None):
+def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augment_view2=None, epochs=None,
+                        initial_epoch=0, steps_per_epoch=None):
     """Training pipeline: two augmented views of each image and its index.
 
     Args:
@@ -50,6 +51,15 @@ def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augme
             Remainders are dropped: MoCo's queue needs a fixed batch size.
         shuffle: reshuffle every epoch.
         augment_view2: a different augmentation for view 2 (default: `augment`).
+        epochs: `None` (default): one epoch per pass over the dataset, augmented
+            in parallel; not bit-reproducible. An int: the pipeline of epochs
+            `initial_epoch .. epochs - 1` back to back, where the order of epoch
+            `e` and the augmentation of its step `s` are pure functions of
+            `(seed, e, s)` -- the same in a resumed run as in an uninterrupted
+            one. Pass `steps_per_epoch=len(images) // batch_size` (or the cap)
+            to `fit` with it.
+        initial_epoch: first epoch of the pipeline (with `epochs`).
+        steps_per_epoch: cap on the steps of each epoch (with `epochs`).
 
     Returns:
         `tf.data.Dataset` of `((view1, view2), index)`, index int32 `[B]`.
@@ -61,6 +71,9 @@ def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augme
             "use a smaller batch size."
         )
     augment_view2 = augment_view2 or augment
+    if epochs is not None:
+        return _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, seed, epochs,
+                                    initial_epoch, steps_per_epoch)
     ds = tf.data.Dataset.from_tensor_slices((images, np.arange(len(images), dtype=np.int32)))
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
@@ -71,6 +84,45 @@ def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augme
         return (augment(batch, training=True), augment_view2(batch, training=True)), index
 
     return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, seed, epochs, initial_epoch,
+                         steps_per_epoch):
+    """`contrastive_dataset` with `epochs`: every random draw is a function of (seed, epoch, step).
+
+    Keras augmentation layers draw from `SeedGenerator` states (variables). Each
+    batch first sets every state from a stateless hash of (seed, epoch, step),
+    then augments; batches are augmented one at a time (still ahead of training,
+    through prefetch), so no two batches race for the same states.
+    """
+    count = len(images)
+    steps = count // batch_size if not steps_per_epoch else min(count // batch_size, steps_per_epoch)
+    pixels = tf.constant(images)
+    states = list({id(v): v for layer in (augment, augment_view2) for v in layer.variables
+                   if "seed_generator_state" in v.path}.values())
+
+    def epoch_batches(epoch):
+        order = (tf.random.experimental.stateless_shuffle(tf.range(count), seed=tf.stack([seed, epoch]))
+                 if shuffle else tf.range(count))
+        index = tf.reshape(order[: steps * batch_size], [steps, batch_size])
+        return tf.data.Dataset.from_tensor_slices(index).enumerate().map(lambda step, i: (epoch, step, i))
+
+    def two_views(epoch, step, index):
+        batch_seed = tf.stack([tf.constant(seed, tf.int64), epoch * (2**32) + step])
+        fresh = tf.random.stateless_uniform([max(1, len(states)), 2], batch_seed, minval=None, maxval=None,
+                                            dtype=tf.int64)
+        reseeds = [state.assign(tf.cast(fresh[i], state.dtype)) for i, state in enumerate(states)]
+        with tf.control_dependencies(reseeds):
+            batch = to_float(tf.gather(pixels, index))
+            views = (augment(batch, training=True), augment_view2(batch, training=True))
+        return views, index
+
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = False
+    ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(lambda epoch, step, index: two_views(epoch, step, tf.cast(index, tf.int32)))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def eval_dataset(images, batch_size=256, image_size=None, labels=None):

@@ -36,13 +36,16 @@ def ema_pairs(source, target):
     return [(s, t) for s, t in zip(source.weights, target.weights) if s.trainable]
 
 
-def _shuffled(fn, x, training):
+def _shuffled(fn, x, training, step):
     """Runs `fn` on a randomly permuted batch and restores the order.
 
     With split BatchNorm this is keras_pcl's shuffle-BN: a key is normalised
-    with a different sub-batch than its query (see keras_pcl.backbones).
+    with a different sub-batch than its query (see keras_pcl.backbones). The
+    permutation is a function of the optimizer step, so a resumed run shuffles
+    as the uninterrupted one would.
     """
-    permutation = tf.random.shuffle(tf.range(tf.shape(x)[0]))
+    seed = tf.stack([tf.cast(step, tf.int64), tf.constant(0x5EED, tf.int64)])
+    permutation = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(x)[0]), seed)
     y = fn(tf.gather(x, permutation), training=training)
     return tf.gather(y, tf.math.invert_permutation(permutation))
 
@@ -127,7 +130,8 @@ class MoCo(ContrastiveModel):
     def embed_keys(self, images, training=False):
         """L2-normalised momentum-encoder embeddings `[B, d]` (what PCL clusters)."""
         if training and self.shuffle_keys:
-            return l2_normalize(_shuffled(self._key_encoder, images, training))
+            step = self.optimizer.iterations if self.optimizer is not None else 0
+            return l2_normalize(_shuffled(self._key_encoder, images, training, step))
         return l2_normalize(self._key_encoder(images, training))
 
     def call(self, images, training=False):

@@ -1,0 +1,141 @@
+"""Representation quality on Fashion-MNIST: PCL v2, PCL v1, MoCo v2, a random encoder, raw pixels.
+
+Every trained row is one `experiments/run.py` command on its Fashion-MNIST config, with the
+same encoder, augmentation budget (--epochs) and seeds; the script only shortens the schedule
+consistently (PCL's warm-up and v1's step drops keep their share of the run) and skips work
+whose results.json already exists, so it can be stopped and re-run. The random-encoder and
+raw-pixel rows are evaluated here with the same protocols (keras_pcl.evaluation).
+
+    apt-get install -y dataset-fashion-mnist
+    python bench/quality_table.py --epochs=12 --seeds=0,1 --out=runs/quality
+
+Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
+           "moco_v2": "moco_v2_fashion_mnist.cfg"}
+COLUMNS = ["knn_top1", "linear_top1", "svm_1shot", "svm_2shot", "svm_4shot", "svm_8shot", "svm_16shot", "ami", "nmi"]
+
+flags.DEFINE_integer("epochs", 12, "Training epochs of every trained row.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each row is trained once per seed.")
+flags.DEFINE_list("rows", ["pcl_v2", "moco_v2", "pcl_v1"], "Trained rows, run in this order (seed-major).")
+flags.DEFINE_string("out", "runs/quality", "Folder for the runs and table.md.")
+flags.DEFINE_boolean("train", True, "Train missing rows (false: only tabulate what exists).")
+FLAGS = flags.FLAGS
+
+
+def read_config(name):
+    """The flags of a config file as a dict (what the random-encoder row must match)."""
+    values = {}
+    with open(os.path.join(ROOT, "experiments", "configs", name)) as f:
+        for line in f:
+            if line.startswith("--"):
+                key, _, value = line[2:].strip().partition("=")
+                values[key] = value
+    return values
+
+
+def schedule_overrides(config, epochs):
+    """Keeps warm-up and step drops at the same fraction of the run as in the 50-epoch config."""
+    full = int(config["epochs"])
+    overrides = [f"--epochs={epochs}"]
+    if "warmup_epochs" in config:
+        overrides.append(f"--warmup_epochs={max(1, round(int(config['warmup_epochs']) * epochs / full))}")
+    if config.get("schedule") == "step":
+        drops = [max(1, round(int(d) * epochs / full)) for d in config["lr_drops"].split(",")]
+        overrides.append("--lr_drops=" + ",".join(map(str, drops)))
+    return overrides
+
+
+def train_row(row, seed):
+    out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
+    if os.path.exists(os.path.join(out, "results.json")):
+        return out
+    config = read_config(CONFIGS[row])
+    command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
+               f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[row])}",
+               *schedule_overrides(config, FLAGS.epochs), f"--seed={seed}", f"--output_dir={out}",
+               "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false"]
+    print("$", " ".join(command), flush=True)
+    started = time.time()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {row} seed {seed}: {time.time() - started:.0f} s wall", flush=True)
+    return out
+
+
+def baseline_rows(seed):
+    """Random-initialised encoder (same architecture as the trained rows) and raw pixels."""
+    path = os.path.join(FLAGS.out, f"baselines_seed{seed}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import keras
+
+    from keras_pcl import backbones, data, evaluation
+
+    config = read_config(CONFIGS["pcl_v2"])
+    keras.utils.set_random_seed(seed)
+    split = data.load_dataset("fashion_mnist", seed=seed)
+    encoder = backbones.BACKBONES[config["encoder"]](
+        split.image_shape, width=int(config["width"]), norm=config["norm"], num_splits=int(config["num_splits"]))
+    features = {"random_init": [evaluation.extract_features(encoder, x) for x in (split.train_images, split.test_images)],
+                "raw_pixels": [evaluation.raw_pixel_features(x) for x in (split.train_images, split.test_images)]}
+    rows = {name: evaluation.evaluate_features(train, split.train_labels, test, split.test_labels, seed=seed)
+            for name, (train, test) in features.items()}
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(temporary, path)
+    return rows
+
+
+def table(results):
+    header = "| row | seeds | train min | " + " | ".join(c.replace("_top1", "").replace("svm_", "") for c in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (COLUMNS.__len__() + 3)]
+    for name, runs in results.items():
+        cells = []
+        for column in COLUMNS:
+            values = [r[column] * (1 if column in ("ami", "nmi") else 100) for r in runs["scores"]]
+            mean, spread = sum(values) / len(values), max(values) - min(values)
+            cells.append(f"{mean:.3f} ± {spread:.3f}" if column in ("ami", "nmi") else f"{mean:.1f} ± {spread:.1f}")
+        minutes = f"{sum(runs['seconds']) / len(runs['seconds']) / 60:.0f}" if runs["seconds"] else "–"
+        lines.append(f"| {name} | {len(runs['scores'])} | {minutes} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    results = {}
+    for seed in map(int, FLAGS.seeds):
+        for row in FLAGS.rows:
+            out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
+            if FLAGS.train:
+                train_row(row, seed)
+            if os.path.exists(os.path.join(out, "results.json")):
+                with open(os.path.join(out, "results.json")) as f:
+                    result = json.load(f)
+                entry = results.setdefault(row, {"scores": [], "seconds": []})
+                entry["scores"].append(result["evaluation"]["encoder"])
+                entry["seconds"].append(result["train_seconds_this_invocation"])
+        for name, scores in baseline_rows(seed).items():
+            results.setdefault(name, {"scores": [], "seconds": []})["scores"].append(scores)
+    text = (f"Fashion-MNIST test split, {FLAGS.epochs} epochs per trained row, seeds {','.join(FLAGS.seeds)}; "
+            "mean ± spread (max - min) over seeds; accuracies in %, low-shot columns are labelled images per class.\n\n"
+            + table(results))
+    with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
