@@ -1,5 +1,8 @@
 """Callbacks: `PrototypeUpdate`, PCL's E-step."""
 
+import json
+import os
+import shutil
 import sys
 import time
 
@@ -8,6 +11,23 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import clustering
+
+
+def _tf_config():
+    try:
+        return json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except ValueError:
+        return {}
+
+
+def _worker_task():
+    """`(task_type, task_id)` of this process in a TF_CONFIG cluster, `(None, None)` alone."""
+    task = _tf_config().get("task", {})
+    return task.get("type"), task.get("index")
+
+
+def _has_chief():
+    return bool(_tf_config().get("cluster", {}).get("chief"))
 
 
 def embedding_step(embed_fn):
@@ -39,6 +59,7 @@ def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0, step
     """
     strategy = strategy or tf.distribute.get_strategy()
     distributed = strategy.num_replicas_in_sync > 1
+    multi_worker = distributed and len(strategy.extended.worker_devices) < strategy.num_replicas_in_sync
     step = step or embedding_step(embed_fn)
 
     # A progress bar where a person watches; a non-interactive log gets the summary line only.
@@ -50,7 +71,11 @@ def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0, step
     for batch in dataset:
         if distributed:
             features, index = strategy.run(step, args=(batch,))
-            features, index = strategy.gather(features, axis=0), strategy.gather(index, axis=0)
+            if multi_worker:
+                features, index = strategy.gather(features, axis=0), strategy.gather(index, axis=0)
+            else:  # every replica is local: no collective needed
+                features, index = (tf.concat(strategy.experimental_local_results(t), axis=0)
+                                   for t in (features, index))
         else:
             features, index = step(batch)
         rows.append(features)
@@ -202,26 +227,44 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._manager = None
         self._current_epoch = 0
+        # Under MultiWorkerMirroredStrategy every worker must save (reading
+        # synchronised variables is collective), but only the chief keeps its
+        # files; the others write to a scratch folder removed after each save.
+        task_type, task_id = _worker_task()
+        self._is_chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                                          and not _has_chief())
+        self._write_directory = (directory if self._is_chief
+                                 else os.path.join(directory, f".scratch_{task_type}_{task_id}"))
 
     def _get_manager(self, model):
         if self._manager is None:
             if model.optimizer is not None and not model.optimizer.built:
-                model.optimizer.build(model.trainable_variables)
+                # Inside the model's strategy: restore() may run before fit, outside any scope.
+                with getattr(model, "distribute_strategy", tf.distribute.get_strategy()).scope():
+                    model.optimizer.build(model.trainable_variables)
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch)
-            self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.max_to_keep)
+            self._manager = tf.train.CheckpointManager(checkpoint, self._write_directory,
+                                                       max_to_keep=self.max_to_keep)
         return self._manager
 
     def restore(self, model):
-        """Restores the newest checkpoint into `model`; returns the epoch to resume at (0 if none)."""
+        """Restores the newest checkpoint into `model`; returns the epoch to resume at (0 if none).
+
+        Every worker of a multi-worker job restores the chief's newest checkpoint.
+        """
         manager = self._get_manager(model)
-        if manager.latest_checkpoint is None:
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest is None:
             return 0
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
         return int(self._epoch.numpy())
 
     def save(self, epoch):
         self._epoch.assign(epoch)
-        return self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+        path = self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+        if not self._is_chief:
+            shutil.rmtree(self._write_directory, ignore_errors=True)
+        return path
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch

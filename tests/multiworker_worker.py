@@ -1,8 +1,9 @@
 """One worker of the MultiWorkerMirroredStrategy test (run by tests/test_multiworker.py).
 
-Usage: TF_CONFIG=... python multiworker_worker.py OUT.npz
+Usage: TF_CONFIG=... python multiworker_worker.py OUT.npz [CHECKPOINTS EPOCHS]
 Trains PCL on digits for 2 epochs (warm-up 1, so one E-step) and saves the
-queue, prototypes and key-encoder weights this worker holds.
+queue, prototypes and key-encoder weights this worker holds. With CHECKPOINTS,
+checkpoints every epoch there, resumes from it, and trains up to EPOCHS.
 """
 
 import os
@@ -35,7 +36,13 @@ with strategy.scope():
                           momentum=0.9, shuffle_keys=False)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     update = keras_pcl.PrototypeUpdate(estep, verbose=0)
-history = model.fit(train, epochs=2, callbacks=[update], verbose=0).history
+fit_callbacks, epochs, initial_epoch = [update], 2, 0
+if len(sys.argv) > 2:
+    checkpoint = keras_pcl.callbacks.TrainingCheckpoint(sys.argv[2])
+    initial_epoch, epochs = checkpoint.restore(model), int(sys.argv[3])
+    fit_callbacks.append(checkpoint)
+    print(f"starting at epoch {initial_epoch}", flush=True)
+history = model.fit(train, epochs=epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0).history
 np.savez(sys.argv[1], queue=model.queue.numpy(), pointer=model.queue_pointer.numpy(),
          assignments=model.assignments.numpy(), proto_nce=np.array(history["proto_nce"], np.float64),
          **{f"prototypes_{m}": p.numpy() for m, p in enumerate(model.prototypes)},

@@ -76,13 +76,15 @@ def test_saved_model_serves_in_a_fresh_process(quickstart_run, runner, digits):
 
 
 def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys):
+    # Under --distribution=mirrored: the checkpoint is restored before fit, outside the strategy scope.
     out = tmp_path / "resume"
     base = [f"--flagfile={QUICKSTART}", f"--output_dir={out}", "--knn_every=0", "--export=false",
-            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
+            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1",
+            "--distribution=mirrored"]
     runner.execute(base + ["--epochs=2"])
     capsys.readouterr()
     runner.execute(base + ["--epochs=3"])
-    assert "resuming" in capsys.readouterr().out and "at epoch 2" in capsys.readouterr().out + "at epoch 2"
+    assert f"resuming {out} at epoch 2" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
     config_before = (out / "config.json").read_text()

@@ -13,6 +13,8 @@ The skeleton does the rest: gradient tape, loss scaling under a strategy,
 mixed precision, the optimizer step on `query_variables`, and metrics.
 """
 
+import re
+
 import keras
 import tensorflow as tf
 
@@ -71,6 +73,30 @@ def _multi_worker():
         strategy.extended._in_multi_worker_mode()  # noqa: SLF001 (no public accessor)
 
 
+class WorkerLostError(RuntimeError):
+    """A worker of a multi-worker job stopped answering; every worker stops.
+
+    Restart all workers with the same command: they resume from the newest
+    checkpoint (`keras_pcl.callbacks.TrainingCheckpoint`).
+    """
+
+
+# What TensorFlow's collectives raise on the survivors when a peer process dies.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                tf.errors.AbortedError)
+
+
+def _worker_lost(error):
+    text = str(error)
+    peer = re.search(r"/job:\w+/replica:\d+/task:\d+", text)
+    aborted = re.search(r"aborted by: (.*)", text)
+    reason = aborted.group(1).strip() if aborted else type(error).__name__
+    return WorkerLostError(
+        f"lost contact with {peer.group(0) if peer else 'another worker'} of the multi-worker job "
+        f"({reason[:160]}); all workers stop here. Restart every worker with the same command to resume "
+        "from the newest checkpoint.")
+
+
 def l2_normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
@@ -114,6 +140,18 @@ class ContrastiveModel(keras.Model):
         if self.optimizer is not None and not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`. Under MultiWorkerMirroredStrategy, a worker that dies
+        makes the others raise `WorkerLostError` (one line, naming the lost task)
+        instead of a TensorFlow graph-execution traceback."""
+        try:
+            return super().fit(*args, **kwargs)
+        except _PEER_ERRORS as error:
+            with self.distribute_strategy.scope():
+                if not _multi_worker():
+                    raise
+            raise _worker_lost(error) from None
 
     def forward(self, views, index, training):
         raise NotImplementedError
