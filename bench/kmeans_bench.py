@@ -16,6 +16,13 @@ For each (N, K), on L2-normalised features drawn from a Gaussian mixture
 Objectives are recomputed identically for every method: the sum over all N
 points of the squared distance to the nearest returned centroid (exact, f32).
 Methods run alternately, `--repeats` times; the median time is reported.
+
+Peak memory (`--memory`): each (N, K, method) runs once at defaults in a fresh
+process; reported is the process's peak resident memory (VmHWM) minus its
+resident memory just before the call (after imports and the data), i.e. what
+one call adds, tracing included. The data itself is N x d x 4 bytes.
+
+    python bench/kmeans_bench.py --memory --n=50000,200000 --k=1000,10000
 """
 
 import argparse
@@ -97,6 +104,49 @@ def run_sklearn(x, k, fixed_init=None):
     return time.perf_counter() - start, km.cluster_centers_.astype(np.float32), int(km.n_iter_)
 
 
+def resident_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def memory_child(spec):
+    """One call in this (fresh) process; prints `peak_extra_mib seconds`."""
+    method, n, k, d = spec.split(",")
+    n, k, d = int(n), int(k), int(d)
+    if method.startswith("keras_pcl"):
+        import tensorflow  # noqa: F401  (imported before the baseline, like the data)
+        from keras_pcl import clustering  # noqa: F401
+    x = mixture(n, d, 2000, seed=n)
+    runner = {"keras_pcl": lambda: run_keras_pcl(x, k), "keras_pcl_xla": lambda: run_keras_pcl(x, k, jit=True),
+              "faiss": lambda: run_faiss(x, k), "sklearn": lambda: run_sklearn(x, k)}[method]
+    if method == "faiss":
+        import faiss  # noqa: F401
+    if method == "sklearn":
+        import sklearn.cluster  # noqa: F401
+    before = resident_mib("VmRSS")
+    seconds = runner()[0]
+    print(f"{resident_mib('VmHWM') - before:.0f} {seconds:.2f}")
+
+
+def memory_table(args):
+    import subprocess
+    import sys
+
+    print(f"# {cpu_model()}: extra peak resident memory of one default call, fresh process each")
+    for n in (int(v) for v in args.n.split(",")):
+        for k in (int(v) for v in args.k.split(",")):
+            for method in args.methods.split(","):
+                if method == "sklearn" and k > 1000:
+                    print(f"N={n:>6} K={k:>5} {method:<14} skipped (over 10 minutes at K=10000, see above)")
+                    continue
+                result = subprocess.run([sys.executable, __file__, f"--memory_child={method},{n},{k},{args.d}"],
+                                        capture_output=True, text=True, check=True)
+                extra, seconds = result.stdout.split()[-2:]
+                print(f"N={n:>6} K={k:>5} {method:<14} peak +{extra:>6} MiB  ({seconds} s; data "
+                      f"{n * args.d * 4 / 2**20:.0f} MiB, N x K float32 would be {n * k * 4 / 2**20:.0f} MiB)",
+                      flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="50000", help="comma list of N")
@@ -106,7 +156,13 @@ def main():
     parser.add_argument("--methods", default="keras_pcl,keras_pcl_xla,faiss,sklearn")
     parser.add_argument("--modes", default="defaults,fixed")
     parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--memory", action="store_true", help="peak-memory table instead of timings")
+    parser.add_argument("--memory_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child)
+    if args.memory:
+        return memory_table(args)
 
     import tensorflow as tf
 

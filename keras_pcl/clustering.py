@@ -59,33 +59,61 @@ def resolve_matmul_dtype(matmul_dtype, jit):
     return tf.as_dtype(matmul_dtype)
 
 
-def _assign(points, centroids, tile_size, matmul_dtype):
+def _scoring_rows(points, matmul_dtype):
+    """`[x, 1]` in the matmul dtype: the point side of the one-matmul score below."""
+    return tf.concat([tf.cast(points, matmul_dtype), tf.ones([tf.shape(points)[0], 1], matmul_dtype)], axis=1)
+
+
+def _assign(points, centroids, tile_size, matmul_dtype, with_distances=True, scoring_rows=None):
     """Nearest centroid of each point, tile by tile.
 
     Args:
         points: `[n_tiles * tile_size, d]` float32 (padded).
         centroids: `[K, d]` float32.
+        with_distances: also return the exact squared distances (one more
+            memory-bound pass; Lloyd's loop needs only the assignments).
+        scoring_rows: `_scoring_rows(points, matmul_dtype)`, when the caller
+            reuses it across iterations.
 
     Returns:
-        `(assignments [N_pad] int32, squared_distances [N_pad] float32)`.
+        `(assignments [N_pad] int32, squared_distances [N_pad] float32)`, or
+        only the assignments.
     """
     dim = tf.shape(points)[1]
     tiles = tf.reshape(points, [-1, tile_size, dim])
+    if scoring_rows is None:
+        scoring_rows = _scoring_rows(points, matmul_dtype)
+    scoring_tiles = tf.reshape(scoring_rows, [-1, tile_size, dim + 1])
     # Scores x.c - |c|^2 / 2 as one matmul, [x, 1] . [c, -|c|^2 / 2]: no separate
     # pass over the [tile, K] scores (in graph mode each pass is a full copy).
     half_sq_norm = 0.5 * tf.reduce_sum(tf.square(centroids), axis=1)
     augmented = tf.cast(tf.concat([centroids, -half_sq_norm[:, None]], axis=1), matmul_dtype)
-    ones = tf.ones([tile_size, 1], matmul_dtype)
 
-    def assign_tile(tile):
-        scores = tf.matmul(tf.concat([tf.cast(tile, matmul_dtype), ones], axis=1), augmented, transpose_b=True)
-        nearest = tf.argmax(scores, axis=1, output_type=tf.int32)
+    def nearest_in_tile(i):
+        scores = tf.matmul(scoring_tiles[i], augmented, transpose_b=True)
+        return tf.argmax(scores, axis=1, output_type=tf.int32)
+
+    if not with_distances:
+        # A loop over row slices, not map_fn: map_fn would first copy all points
+        # into a TensorArray, one more memory-bound pass per Lloyd iteration.
+        num_tiles = tf.shape(tiles)[0]
+        nearest = tf.TensorArray(tf.int32, size=num_tiles, element_shape=[tile_size])
+        nearest = tf.while_loop(
+            lambda i, _: i < num_tiles,
+            lambda i, out: (i + 1, out.write(i, nearest_in_tile(i))),
+            (tf.constant(0), nearest),
+        )[1]
+        return tf.reshape(nearest.stack(), [-1])
+
+    def assign_tile(i):
+        tile = tiles[i]
+        nearest = nearest_in_tile(i)
         # Exact float32 distance to the chosen centroid, whatever the matmul dtype.
         sq_dist = tf.reduce_sum(tf.square(tile - tf.gather(centroids, nearest)), axis=1)
         return nearest, sq_dist
 
     nearest, sq_dist = tf.map_fn(
-        assign_tile, tiles, fn_output_signature=(tf.int32, tf.float32)
+        assign_tile, tf.range(tf.shape(tiles)[0]), fn_output_signature=(tf.int32, tf.float32)
     )
     return tf.reshape(nearest, [-1]), tf.reshape(sq_dist, [-1])
 
@@ -119,27 +147,37 @@ def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtyp
     """One k-means run from `init_centroids`; returns (centroids, assignments, objective, iterations)."""
     num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
 
+    scoring_rows = _scoring_rows(points, matmul_dtype)  # once, not every iteration
+
     def assign(centroids):
-        nearest, sq_dist = _assign(points, centroids, tile_size, matmul_dtype)
-        nearest = tf.where(valid, nearest, -1)  # padding rows join no cluster
-        return nearest, tf.reduce_sum(tf.where(valid, sq_dist, 0.0))
+        nearest = _assign(points, centroids, tile_size, matmul_dtype, with_distances=False,
+                          scoring_rows=scoring_rows)
+        return tf.where(valid, nearest, -1)  # padding rows join no cluster
 
-    assignments, objective = assign(init_centroids)
-
-    def body(step, centroids, assignments, objective, changed):
+    def body(step, centroids, assignments, changed):
         centroids = _update(points, assignments, centroids)
-        new_assignments, objective = assign(centroids)
+        new_assignments = assign(centroids)
         changed = tf.reduce_sum(tf.cast(new_assignments != assignments, tf.float32)) / num_valid
-        return step + 1, centroids, new_assignments, objective, changed
+        return step + 1, centroids, new_assignments, changed
 
-    def cond(step, centroids, assignments, objective, changed):
+    def cond(step, centroids, assignments, changed):
         return (step < num_iters) & (changed > tol)
 
-    iterations, centroids, assignments, objective, _ = tf.while_loop(
+    iterations, centroids, assignments, _ = tf.while_loop(
         cond,
         body,
-        (tf.constant(0), init_centroids, assignments, objective, tf.constant(np.inf, tf.float32)),
+        (tf.constant(0), init_centroids, assign(init_centroids), tf.constant(np.inf, tf.float32)),
     )
+    # The objective is needed once, for the final assignment: exact float32, tile by tile.
+    dim = tf.shape(points)[1]
+
+    def tile_sq_dist(tile_and_nearest):
+        tile, nearest = tile_and_nearest
+        return tf.reduce_sum(tf.square(tile - tf.gather(centroids, tf.maximum(nearest, 0))), axis=1)
+
+    sq_dist = tf.map_fn(tile_sq_dist, (tf.reshape(points, [-1, tile_size, dim]),
+                                       tf.reshape(assignments, [-1, tile_size])), fn_output_signature=tf.float32)
+    objective = tf.reduce_sum(tf.where(valid, tf.reshape(sq_dist, [-1]), 0.0))
     return centroids, assignments, objective, iterations
 
 
