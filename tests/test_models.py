@@ -162,7 +162,7 @@ def test_fit_lowers_the_loss_with_augmentation(digits):
     assert embeddings.std(axis=0).mean() > 0.05  # not collapsed to one point
 
 
-def test_two_replicas_match_one(digits):
+def test_two_replicas_match_one(digits, tmp_path):
     images = digits[0][:64]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
@@ -195,6 +195,19 @@ def test_two_replicas_match_one(digits):
     for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue]:
         copies = variable.value.values
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+    # A checkpoint restores into a fresh mirrored model from outside the scope, as run.py does it
+    # (the optimizer is built inside the model's strategy). One strategy object per process:
+    # TF's collective instance keys clash across MirroredStrategy objects.
+    checkpoint = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "checkpoints"))
+    checkpoint.set_model(mirrored)
+    checkpoint.save(2)
+    with strategy.scope():
+        restored = build()
+    assert keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "checkpoints")).restore(restored) == 2
+    for saved, loaded in zip(mirrored.weights + mirrored.optimizer.variables,
+                             restored.weights + restored.optimizer.variables):
+        for copy in getattr(loaded.value, "values", [loaded.value]):
+            np.testing.assert_array_equal(copy.numpy(), np.asarray(saved.value.values[0]), err_msg=loaded.path)
 
 
 @pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3)])

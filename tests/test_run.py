@@ -76,11 +76,9 @@ def test_saved_model_serves_in_a_fresh_process(quickstart_run, runner, digits):
 
 
 def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys):
-    # Under --distribution=mirrored: the checkpoint is restored before fit, outside the strategy scope.
     out = tmp_path / "resume"
     base = [f"--flagfile={QUICKSTART}", f"--output_dir={out}", "--knn_every=0", "--export=false",
-            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1",
-            "--distribution=mirrored"]
+            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
     runner.execute(base + ["--epochs=2"])
     capsys.readouterr()
     runner.execute(base + ["--epochs=3"])
