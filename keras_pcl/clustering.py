@@ -64,23 +64,19 @@ def _scoring_rows(points, matmul_dtype):
     return tf.concat([tf.cast(points, matmul_dtype), tf.ones([tf.shape(points)[0], 1], matmul_dtype)], axis=1)
 
 
-def _assign(points, centroids, tile_size, matmul_dtype, with_distances=True, scoring_rows=None):
+def _assign(points, centroids, tile_size, matmul_dtype, scoring_rows=None):
     """Nearest centroid of each point, tile by tile.
 
     Args:
         points: `[n_tiles * tile_size, d]` float32 (padded).
         centroids: `[K, d]` float32.
-        with_distances: also return the exact squared distances (one more
-            memory-bound pass; Lloyd's loop needs only the assignments).
         scoring_rows: `_scoring_rows(points, matmul_dtype)`, when the caller
             reuses it across iterations.
 
     Returns:
-        `(assignments [N_pad] int32, squared_distances [N_pad] float32)`, or
-        only the assignments.
+        `[N_pad]` int32 assignments.
     """
     dim = tf.shape(points)[1]
-    tiles = tf.reshape(points, [-1, tile_size, dim])
     if scoring_rows is None:
         scoring_rows = _scoring_rows(points, matmul_dtype)
     scoring_tiles = tf.reshape(scoring_rows, [-1, tile_size, dim + 1])
@@ -93,29 +89,32 @@ def _assign(points, centroids, tile_size, matmul_dtype, with_distances=True, sco
         scores = tf.matmul(scoring_tiles[i], augmented, transpose_b=True)
         return tf.argmax(scores, axis=1, output_type=tf.int32)
 
-    if not with_distances:
-        # A loop over row slices, not map_fn: map_fn would first copy all points
-        # into a TensorArray, one more memory-bound pass per Lloyd iteration.
-        num_tiles = tf.shape(tiles)[0]
-        nearest = tf.TensorArray(tf.int32, size=num_tiles, element_shape=[tile_size])
-        nearest = tf.while_loop(
-            lambda i, _: i < num_tiles,
-            lambda i, out: (i + 1, out.write(i, nearest_in_tile(i))),
-            (tf.constant(0), nearest),
-        )[1]
-        return tf.reshape(nearest.stack(), [-1])
+    # A loop over row slices, not map_fn: map_fn would first copy all points
+    # into a TensorArray, one more memory-bound pass per Lloyd iteration.
+    num_tiles = tf.shape(scoring_tiles)[0]
+    nearest = tf.TensorArray(tf.int32, size=num_tiles, element_shape=[tile_size])
+    nearest = tf.while_loop(
+        lambda i, _: i < num_tiles,
+        lambda i, out: (i + 1, out.write(i, nearest_in_tile(i))),
+        (tf.constant(0), nearest),
+    )[1]
+    return tf.reshape(nearest.stack(), [-1])
 
-    def assign_tile(i):
-        tile = tiles[i]
-        nearest = nearest_in_tile(i)
-        # Exact float32 distance to the chosen centroid, whatever the matmul dtype.
-        sq_dist = tf.reduce_sum(tf.square(tile - tf.gather(centroids, nearest)), axis=1)
-        return nearest, sq_dist
 
-    nearest, sq_dist = tf.map_fn(
-        assign_tile, tf.range(tf.shape(tiles)[0]), fn_output_signature=(tf.int32, tf.float32)
-    )
-    return tf.reshape(nearest, [-1]), tf.reshape(sq_dist, [-1])
+def _objective(points, valid, centroids, assignments, tile_size):
+    """Sum over valid rows of the exact float32 squared distance to the assigned centroid.
+
+    Computed tile by tile, whatever the matmul dtype chose the assignment with.
+    """
+    dim = tf.shape(points)[1]
+
+    def tile_sq_dist(tile_and_nearest):
+        tile, nearest = tile_and_nearest
+        return tf.reduce_sum(tf.square(tile - tf.gather(centroids, tf.maximum(nearest, 0))), axis=1)
+
+    sq_dist = tf.map_fn(tile_sq_dist, (tf.reshape(points, [-1, tile_size, dim]),
+                                       tf.reshape(assignments, [-1, tile_size])), fn_output_signature=tf.float32)
+    return tf.reduce_sum(tf.where(valid, tf.reshape(sq_dist, [-1]), 0.0))
 
 
 def _update(points, assignments, centroids):
@@ -144,14 +143,16 @@ def _update(points, assignments, centroids):
 
 
 def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype):
-    """One k-means run from `init_centroids`; returns (centroids, assignments, objective, iterations)."""
+    """One k-means run from `init_centroids`; returns (centroids, assignments, iterations).
+
+    The loop stops on changed assignments, so it never needs the objective.
+    """
     num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
 
     scoring_rows = _scoring_rows(points, matmul_dtype)  # once, not every iteration
 
     def assign(centroids):
-        nearest = _assign(points, centroids, tile_size, matmul_dtype, with_distances=False,
-                          scoring_rows=scoring_rows)
+        nearest = _assign(points, centroids, tile_size, matmul_dtype, scoring_rows=scoring_rows)
         return tf.where(valid, nearest, -1)  # padding rows join no cluster
 
     def body(step, centroids, assignments, changed):
@@ -168,17 +169,7 @@ def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtyp
         body,
         (tf.constant(0), init_centroids, assign(init_centroids), tf.constant(np.inf, tf.float32)),
     )
-    # The objective is needed once, for the final assignment: exact float32, tile by tile.
-    dim = tf.shape(points)[1]
-
-    def tile_sq_dist(tile_and_nearest):
-        tile, nearest = tile_and_nearest
-        return tf.reduce_sum(tf.square(tile - tf.gather(centroids, tf.maximum(nearest, 0))), axis=1)
-
-    sq_dist = tf.map_fn(tile_sq_dist, (tf.reshape(points, [-1, tile_size, dim]),
-                                       tf.reshape(assignments, [-1, tile_size])), fn_output_signature=tf.float32)
-    objective = tf.reduce_sum(tf.where(valid, tf.reshape(sq_dist, [-1]), 0.0))
-    return centroids, assignments, objective, iterations
+    return centroids, assignments, iterations
 
 
 def _kmeans_plus_plus(points, num_clusters, seed):
@@ -261,12 +252,13 @@ def kmeans_graph(
         points, valid = (
             (all_points, all_valid) if train is features else _pad_to_tiles(train, tile_size)
         )
-        centroids, assignments, objective, iterations = _lloyd(
+        centroids, assignments, iterations = _lloyd(
             points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype
         )
-        if train is not features:
-            assignments, sq_dist = _assign(all_points, centroids, tile_size, matmul_dtype)
-            objective = tf.reduce_sum(tf.where(all_valid, sq_dist, 0.0))
+        if train is not features:  # trained on a subset: assign every point
+            assignments = _assign(all_points, centroids, tile_size, matmul_dtype)
+        # The objective of all N points, once per restart: exact float32.
+        objective = _objective(all_points, all_valid, centroids, assignments, tile_size)
         assignments = assignments[:num_points]
         run = (centroids, assignments, objective, iterations)
         if best is None:
