@@ -162,6 +162,51 @@ def test_fit_lowers_the_loss_with_augmentation(digits):
     assert embeddings.std(axis=0).mean() > 0.05  # not collapsed to one point
 
 
+@pytest.mark.parametrize("step", [0, 1, 977, 2**31 + 5])
+def test_key_shuffle_permutation_matches_numpy_hash_and_xla(step):
+    from keras_pcl.models.moco import _permutation
+
+    mask = np.uint64(0xFFFFFFFF)
+    h = (np.arange(37, dtype=np.uint64) + np.uint64(step) * np.uint64(0x9E3779B9)) & mask
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> np.uint64(shift))) * np.uint64(multiplier)) & mask
+    want = np.argsort(h ^ (h >> np.uint64(16)), kind="stable")
+    step = tf.constant(step, tf.int64)
+    graph = tf.function(_permutation)(37, step).numpy()
+    xla = tf.function(_permutation, jit_compile=True)(37, step).numpy()
+    np.testing.assert_array_equal(graph, want)
+    np.testing.assert_array_equal(xla, want)
+    assert sorted(graph) == list(range(37)) and (graph != np.arange(37)).any()
+
+
+def test_xla_train_step_matches_graph_mode(digits):
+    """jit_compile=True (XLA, the GPU/TPU path) trains the same PCL step as graph mode:
+    split BatchNorm, the key shuffle, the queue and ProtoNCE all compile."""
+    images = digits[0][:64]
+
+    def build(jit):
+        keras.utils.set_random_seed(3)
+        model = keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="split", num_splits=2),
+                              backbones.mlp_head(16, 32), num_samples=len(images), num_clusters=(4, 6),
+                              warmup_epochs=1, queue_size=64, momentum=0.9)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit)
+        return model
+
+    graph, xla = build(False), build(True)
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(graph)
+    xla.set_prototypes(update.run_estep())  # ProtoNCE from the first step, same prototypes
+    views = fixed_views(images, 16)
+    history_graph = graph.fit(views, epochs=1, verbose=0).history
+    history_xla = xla.fit(views, epochs=1, verbose=0).history
+    assert history_xla["proto_nce"][0] > 0
+    for name in ("info_nce", "proto_nce"):
+        np.testing.assert_allclose(history_xla[name], history_graph[name], rtol=1e-3)
+    np.testing.assert_allclose(xla.queue.numpy(), graph.queue.numpy(), atol=1e-3)
+    np.testing.assert_allclose(xla.backbone.get_layer("norm1").moving_variance.numpy(),
+                               graph.backbone.get_layer("norm1").moving_variance.numpy(), rtol=1e-3)
+
+
 def test_two_replicas_match_one(digits, tmp_path):
     images = digits[0][:64]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
