@@ -8,9 +8,7 @@ frameworks' convolution stacks. Prints images/s, two rounds.
 """
 
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -19,6 +17,7 @@ import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conv_bf16_probe import timed  # noqa: E402
 from torch_pcl_peer import ResNet18  # noqa: E402
 
 from keras_pcl import backbones  # noqa: E402
@@ -27,13 +26,7 @@ BATCH = 256
 
 
 def images_per_second(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return BATCH / statistics.median(times)
+    return BATCH / (timed(fn, repeats) / 1000)
 
 
 def main():

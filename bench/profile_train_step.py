@@ -1,0 +1,73 @@
+"""Where keras_pcl's train step spends its time: TensorFlow's profiler, summed per op type.
+
+    python bench/profile_train_step.py --precision=bf16 --steps=2
+
+Builds the same PCL step as `train_step_bench.py` (ResNet-18, batch 256, queue
+16384, three granularities), warms it up, profiles `--steps` steps with
+`tf.profiler.experimental` and sums the profiler's op events by op type. Op
+times are summed over the threads that ran them, so the total exceeds the wall
+time; the shares are what count.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def op_times(logdir):
+    """Milliseconds per op type over all events of the newest profile in `logdir`."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    path = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name  # "scope/op_name:OpType"
+                op_type = name.rpartition(":")[2].lstrip("_") if ":" in name else ""
+                if op_type[:1].isupper() and "#" not in op_type and op_type not in ("Process", "Run"):
+                    totals[op_type] += event.duration_ps / 1e9
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--norm", choices=["split", "batch"], default="split")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tensorflow as tf
+
+    from train_step_bench import keras_step_runner
+
+    run = keras_step_runner(args.precision, False, args.norm)
+    run(2)  # trace and warm up
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        seconds = run(args.steps)
+        tf.profiler.experimental.stop()
+        totals = op_times(logdir)
+    total = sum(totals.values())
+    print(f"# {args.precision}, {args.norm} BN: {args.steps} steps in {seconds:.2f} s wall; "
+          f"op time summed over threads {total / 1000:.2f} s")
+    for op_type, ms in totals.most_common(args.top):
+        print(f"{op_type:<40}{ms / args.steps:10.1f} ms/step {100 * ms / total:6.1f} %")
+    convolutions = sum(ms for op, ms in totals.items() if "Conv2D" in op)
+    norms = sum(ms for op, ms in totals.items() if "BatchNorm" in op)
+    print(f"convolutions {100 * convolutions / total:.1f} %, batch norm {100 * norms / total:.1f} %, "
+          f"everything else {100 * (total - convolutions - norms) / total:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
