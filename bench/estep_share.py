@@ -1,0 +1,68 @@
+"""The E-step's share of training time, read from finished `experiments/run.py` runs.
+
+    python bench/estep_share.py runs/quality_e20/pcl_v2_seed0 [more run folders]
+
+An epoch's wall time is the gap between consecutive epoch-end events in the run's
+TensorBoard log (`OUTPUT_DIR/logs/train`); the E-step runs at the start of its epoch,
+so that gap holds both. The E-step time is `estep_embed_seconds +
+estep_cluster_seconds` from `history.json`. Epoch 0 has no start event and is
+skipped; the first E-step includes tracing and is reported apart from the median.
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def epoch_end_times(run_dir):
+    import tensorflow as tf
+
+    times = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "logs", "train", "*tfevents*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            if any(value.tag == "epoch_loss" for value in event.summary.value):
+                times[event.step] = event.wall_time
+    return times
+
+
+def share(run_dir):
+    with open(os.path.join(run_dir, "history.json")) as f:
+        history = json.load(f)
+    ends = epoch_end_times(run_dir)
+    rows = []
+    for epoch, (embed, cluster) in enumerate(zip(history.get("estep_embed_seconds", []),
+                                                 history.get("estep_cluster_seconds", []))):
+        if embed is None or epoch not in ends or epoch - 1 not in ends:
+            continue
+        rows.append((epoch, embed, cluster, ends[epoch] - ends[epoch - 1]))
+    if not rows:
+        raise SystemExit(f"{run_dir}: no E-step epochs with timings (is it a PCL run with a TensorBoard log?)")
+    first, rest = rows[0], rows[1:] or rows[:1]
+    train_only = [ends[e] - ends[e - 1] for e in ends if e - 1 in ends and e not in {r[0] for r in rows}]
+    print(f"{run_dir}: {len(rows)} E-steps")
+    print(f"  first E-step (epoch {first[0]}, with tracing): embed {first[1]:.1f} s + k-means/phi {first[2]:.1f} s "
+          f"of a {first[3]:.1f} s epoch = {100 * (first[1] + first[2]) / first[3]:.1f} %")
+    median = lambda values: statistics.median(values)  # noqa: E731
+    estep = median([r[1] + r[2] for r in rest])
+    epoch = median([r[3] for r in rest])
+    print(f"  later E-steps (median of {len(rest)}): embed {median([r[1] for r in rest]):.1f} s + k-means/phi "
+          f"{median([r[2] for r in rest]):.1f} s = {estep:.1f} s of a {epoch:.1f} s epoch = {100 * estep / epoch:.1f} %")
+    if train_only:
+        print(f"  warm-up epochs without E-step (median of {len(train_only)}): {median(train_only):.1f} s")
+    return estep / epoch
+
+
+def main():
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python bench/estep_share.py RUN_DIR [RUN_DIR ...]")
+    shares = [share(run_dir) for run_dir in sys.argv[1:]]
+    if len(shares) > 1:
+        print(f"E-step share over {len(shares)} runs: {100 * min(shares):.1f}-{100 * max(shares):.1f} %")
+
+
+if __name__ == "__main__":
+    main()
