@@ -111,7 +111,8 @@ class PrototypeUpdate(keras.callbacks.Callback):
         every_n_epochs: E-step frequency after the warm-up (1 in the reference).
         num_iters, num_restarts, tol, init: k-means options (`keras_pcl.clustering.kmeans`).
         alpha: phi smoothing (10 in the reference).
-        jit_compile: "auto" (XLA on GPU/TPU, TF graph mode on CPU), True or False.
+        jit_compile: "auto" (XLA on GPU/TPU; on CPU, XLA for the granularities
+            with few clusters, see `keras_pcl.clustering.kmeans`), True or False.
         seed: k-means seed; granularity m uses `seed + m` (as the reference).
         verbose: 1 prints progress and a one-line summary per E-step.
 
@@ -136,13 +137,15 @@ class PrototypeUpdate(keras.callbacks.Callback):
         self._estep_fn = self._embed_step = None
 
     def _compiled_estep(self, model):
-        jit = clustering.resolve_jit_compile(self.jit_compile)
-        options = dict(self.kmeans_options, matmul_dtype=clustering.resolve_matmul_dtype("auto", jit))
+        # One XLA function when every granularity wants XLA (GPU/TPU); otherwise a graph
+        # in which the granularities that want XLA (few clusters on CPU) nest one each.
+        jit = all(clustering.resolve_jit_compile(self.jit_compile, k, model.num_samples)
+                  for k in model.num_clusters)
 
         def estep(features):
             return clustering.prototype_estep(
                 features, model.num_clusters, temperature=model.temperature, alpha=self.alpha,
-                seed=self.seed, **options,
+                seed=self.seed, jit_compile=self.jit_compile, **self.kmeans_options,
             )
 
         return tf.function(estep, jit_compile=jit)

@@ -10,8 +10,10 @@
 * empty clusters are re-seeded by splitting the largest clusters, as faiss does;
 * restarts keep the run with the lowest objective.
 
-Compilation (`jit_compile="auto"`): XLA where a GPU or TPU is visible, plain
-TF graph mode on CPU. On CPU, graph mode runs the distance matmul in
+Compilation (`jit_compile="auto"`): XLA where a GPU or TPU is visible; on CPU,
+XLA for at most 128 clusters over at least 20 000 points (thin matmuls, where
+XLA's fusion of the memory-bound passes wins), plain TF graph mode otherwise.
+On CPU, graph mode runs the distance matmul in
 bfloat16 when the processor has AMX/AVX512-BF16 (oneDNN uses it; XLA's CPU
 backend does not); the chosen assignment's distance is then recomputed
 exactly in float32, so objectives and phi are float32-exact for the chosen
@@ -23,6 +25,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from keras_pcl.hashing import hashed_permutation
+
 # faiss's relative perturbation when splitting a cluster to fill an empty one.
 _SPLIT_EPS = 1.0 / 1024.0
 
@@ -32,10 +36,24 @@ def accelerator_available():
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
-def resolve_jit_compile(jit_compile):
-    """Maps "auto"/True/False to a bool: "auto" means XLA only on GPU/TPU."""
+# On CPU, XLA wins for few clusters over many points: the distance matmul is thin and the
+# memory-bound passes around it dominate, which XLA fuses. bench/RESULTS.md, N = 60 000:
+# XLA 0.52x graph mode's time at K = 50, 0.64x at K = 100, 1.0x at K = 200, 1.5x at K = 500.
+_CPU_XLA_MAX_CLUSTERS = 128
+_CPU_XLA_MIN_POINTS = 20_000  # below, the run is too short for the choice to matter
+
+
+def resolve_jit_compile(jit_compile, num_clusters=None, num_points=None):
+    """Maps "auto"/True/False to a bool.
+
+    "auto" means XLA on GPU/TPU; on CPU, XLA only for k-means with at most 128
+    clusters over at least 20 000 points (when both are given), graph mode otherwise.
+    """
     if jit_compile == "auto":
-        return accelerator_available()
+        if accelerator_available():
+            return True
+        return (num_clusters is not None and num_points is not None
+                and num_clusters <= _CPU_XLA_MAX_CLUSTERS and num_points >= _CPU_XLA_MIN_POINTS)
     if jit_compile in (True, False):
         return jit_compile
     raise ValueError(f'jit_compile must be "auto", True or False, got {jit_compile!r}.')
@@ -233,20 +251,17 @@ def kmeans_graph(
     best = None
     for restart in range(num_restarts):
         run_seed = tf.constant([seed, restart], tf.int32)
+        # Hashed (not tf.random) choices: the same subsample and init in graph mode and XLA.
+        run_hash = seed * 65537 + restart * 257
         # As faiss (and the reference), train on at most max_points_per_centroid * K points.
         train = features
         if max_points_per_centroid and num_points > max_points_per_centroid * num_clusters:
-            keep = tf.math.top_k(
-                tf.random.stateless_uniform([num_points], seed=run_seed + 7),
-                max_points_per_centroid * num_clusters,
-            ).indices
+            keep = hashed_permutation(num_points, run_hash + 7)[:max_points_per_centroid * num_clusters]
             train = tf.gather(features, keep)
         if not isinstance(init, str):  # explicit initial centroids (a tensor)
             init_centroids = tf.convert_to_tensor(init, tf.float32)
         elif init == "random":  # K distinct points, as faiss and the reference
-            init_centroids = tf.gather(train, tf.math.top_k(
-                tf.random.stateless_uniform([tf.shape(train)[0]], seed=run_seed), num_clusters
-            ).indices)
+            init_centroids = tf.gather(train, hashed_permutation(tf.shape(train)[0], run_hash)[:num_clusters])
         else:
             init_centroids = _kmeans_plus_plus(train, num_clusters, run_seed)
         points, valid = (
@@ -309,8 +324,12 @@ def kmeans(
         init: "random" (K distinct points, as faiss and the reference; cheap
             for large K) or "k-means++" (better on well-separated data, but
             K sequential passes over the points), or a `[K, d]` array of
-            initial centroids (then `num_restarts` must be 1).
-        jit_compile: "auto" (XLA on GPU/TPU, graph mode on CPU), True or False.
+            initial centroids (then `num_restarts` must be 1). "random" init
+            and the training subsample come from an integer hash of the seed,
+            identical under XLA and graph mode; k-means++ draws with
+            `tf.random`, whose streams differ between the two.
+        jit_compile: "auto" (XLA on GPU/TPU, and on CPU for K <= 128 with
+            N >= 20 000; graph mode otherwise), True or False.
         matmul_dtype: dtype of the distance matmul; "auto" picks bfloat16 in
             CPU graph mode on processors with bf16 units, float32 otherwise.
         return_info: also return `{"objective": sum of squared distances,
@@ -335,7 +354,7 @@ def kmeans(
             raise ValueError("explicit init centroids allow only num_restarts=1.")
     if not 0.0 <= tol < 1.0:
         raise ValueError(f"tol must be in [0, 1), got {tol}.")
-    jit = resolve_jit_compile(jit_compile)
+    jit = resolve_jit_compile(jit_compile, int(num_clusters), int(np.shape(features)[0]))
     options = dict(
         num_clusters=int(num_clusters),
         num_iters=int(num_iters),
@@ -415,7 +434,8 @@ def concentration(features, centroids, assignments, temperature=0.2, alpha=10.0)
     return phi.numpy() if as_numpy else phi
 
 
-def prototype_estep(features, num_clusters, temperature=0.2, alpha=10.0, seed=0, **kmeans_options):
+def prototype_estep(features, num_clusters, temperature=0.2, alpha=10.0, seed=0, jit_compile=False,
+                    **kmeans_options):
     """The whole PCL E-step on precomputed features, one k-means per granularity.
 
     Granularity m clusters with seed `seed + m` (the reference seeds by index),
@@ -425,14 +445,23 @@ def prototype_estep(features, num_clusters, temperature=0.2, alpha=10.0, seed=0,
     Args:
         features: `[N, d]` L2-normalised momentum-encoder features.
         num_clusters: sequence of K per granularity.
-        **kmeans_options: passed to `kmeans_graph`.
+        jit_compile: per granularity, run k-means as a nested XLA function
+            (True), in the caller's graph (False), or "auto" (see `kmeans`).
+        **kmeans_options: passed to `kmeans_graph`; without `matmul_dtype`,
+            each granularity picks it for its compilation ("auto").
 
     Returns:
         List of `(prototypes [K_m, d], phi [K_m], assignments [N])` per granularity.
     """
     results = []
     for m, k in enumerate(num_clusters):
-        centroids, assignments, _, _ = kmeans_graph(features, int(k), seed=seed + m, **kmeans_options)
+        jit = resolve_jit_compile(jit_compile, int(k), features.shape[0])
+        options = dict(kmeans_options, num_clusters=int(k), seed=seed + m)
+        options.setdefault("matmul_dtype", resolve_matmul_dtype("auto", jit))
+        run = functools.partial(kmeans_graph, **options)
+        if jit:
+            run = tf.function(run, jit_compile=True)
+        centroids, assignments, _, _ = run(features)
         phi = concentration(features, centroids, assignments, temperature, alpha)
         results.append((tf.math.l2_normalize(centroids, axis=1), phi, assignments))
     return results

@@ -180,6 +180,33 @@ def test_prototype_estep_normalises_prototypes(rng):
         assert assignments.shape == (400,)
 
 
+def test_prototype_estep_nests_xla_per_granularity(rng):
+    """jit_compile=True on one E-step inside a graph-mode function: each k-means runs as a
+    nested XLA function and gives the graph-mode result."""
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def estep(jit):
+        fn = tf.function(lambda f: clustering.prototype_estep(
+            f, (4, 9), jit_compile=jit, tol=0.0, matmul_dtype=tf.float32))
+        return fn(tf.constant(x))
+
+    for (p_graph, phi_graph, a_graph), (p_xla, phi_xla, a_xla) in zip(estep(False), estep(True)):
+        assert (a_graph.numpy() == a_xla.numpy()).mean() > 0.99
+        np.testing.assert_allclose(p_xla.numpy(), p_graph.numpy(), atol=1e-3)
+        np.testing.assert_allclose(phi_xla.numpy(), phi_graph.numpy(), rtol=1e-3)
+
+
+def test_auto_compilation_rule():
+    on_cpu = not clustering.accelerator_available()
+    for k, n, want_on_cpu in [(50, 60000, True), (128, 20000, True), (200, 60000, False),
+                              (50, 5000, False), (50, None, False)]:
+        assert clustering.resolve_jit_compile("auto", k, n) == (want_on_cpu or not on_cpu)
+    assert clustering.resolve_jit_compile(False, 50, 60000) is False
+    with pytest.raises(ValueError, match="jit_compile must be"):
+        clustering.resolve_jit_compile("xla")
+
+
 def test_many_empty_clusters_never_leave_zero_centroids(rng):
     """Collapsed features: two distinct points, ten clusters."""
     x = np.repeat(np.eye(2, 4, dtype=np.float32), 50, axis=0) + rng.normal(0, 1e-3, (100, 4)).astype(np.float32)

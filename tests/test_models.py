@@ -164,7 +164,7 @@ def test_fit_lowers_the_loss_with_augmentation(digits):
 
 @pytest.mark.parametrize("step", [0, 1, 977, 2**31 + 5])
 def test_key_shuffle_permutation_matches_numpy_hash_and_xla(step):
-    from keras_pcl.models.moco import _permutation
+    from keras_pcl.hashing import hashed_permutation
 
     mask = np.uint64(0xFFFFFFFF)
     h = (np.arange(37, dtype=np.uint64) + np.uint64(step) * np.uint64(0x9E3779B9)) & mask
@@ -172,8 +172,8 @@ def test_key_shuffle_permutation_matches_numpy_hash_and_xla(step):
         h = ((h ^ (h >> np.uint64(shift))) * np.uint64(multiplier)) & mask
     want = np.argsort(h ^ (h >> np.uint64(16)), kind="stable")
     step = tf.constant(step, tf.int64)
-    graph = tf.function(_permutation)(37, step).numpy()
-    xla = tf.function(_permutation, jit_compile=True)(37, step).numpy()
+    graph = tf.function(hashed_permutation)(37, step).numpy()
+    xla = tf.function(hashed_permutation, jit_compile=True)(37, step).numpy()
     np.testing.assert_array_equal(graph, want)
     np.testing.assert_array_equal(xla, want)
     assert sorted(graph) == list(range(37)) and (graph != np.arange(37)).any()

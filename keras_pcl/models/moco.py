@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import losses
+from keras_pcl.hashing import hashed_permutation
 from keras_pcl.models.base import (
     ContrastiveModel,
     apply_once,
@@ -36,31 +37,15 @@ def ema_pairs(source, target):
     return [(s, t) for s, t in zip(source.weights, target.weights) if s.trainable]
 
 
-def _permutation(size, step):
-    """A pseudo-random permutation of `range(size)` that depends only on `step`.
-
-    Sorts a 32-bit integer hash (MurmurHash3's finaliser, a bijection, so no
-    ties) of `index + step * golden ratio`. Unlike TF's stateless random ops,
-    whose streams differ between TF kernels and XLA, integer ops give the
-    same permutation in graph mode, under XLA and on any device.
-    """
-    h = tf.cast(tf.range(size), tf.uint32) + tf.cast(step, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)
-    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(shift, tf.uint32)))
-        h = h * tf.constant(multiplier, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
-    return tf.argsort(tf.cast(h, tf.int64))
-
-
 def _shuffled(fn, x, training, step):
     """Runs `fn` on a permuted batch and restores the order.
 
     With split BatchNorm this is keras_pcl's shuffle-BN: a key is normalised
     with a different sub-batch than its query (see keras_pcl.backbones). The
     permutation is a function of the optimizer step, so a resumed run shuffles
-    as the uninterrupted one would.
+    as the uninterrupted one would, in graph mode and under XLA alike.
     """
-    permutation = _permutation(tf.shape(x)[0], step)
+    permutation = hashed_permutation(tf.shape(x)[0], step)
     y = fn(tf.gather(x, permutation), training=training)
     return tf.gather(y, tf.math.invert_permutation(permutation))
 
