@@ -172,9 +172,9 @@ def main():
 
     from keras_pcl import clustering
 
-    print(f"# {cpu_model()}, {os.cpu_count()} cores, TF {tf.__version__}, "
-          f"keras_pcl default path: jit={clustering.resolve_jit_compile('auto')}, "
-          f"matmul={clustering.resolve_matmul_dtype('auto', False).name}")
+    print(f"# {cpu_model()}, {os.cpu_count()} cores, TF {tf.__version__}, keras_pcl default path: "
+          f"jit={clustering.resolve_jit_compile('auto')} (on CPU XLA for K <= 128 over >= 20k points), "
+          f"graph-mode matmul={clustering.resolve_matmul_dtype('auto', False).name}")
     runners = {
         "keras_pcl": lambda x, k, init: run_keras_pcl(x, k, init),
         "keras_pcl_xla": lambda x, k, init: run_keras_pcl(x, k, init, jit=True),
