@@ -122,17 +122,20 @@ def _assign(points, centroids, tile_size, matmul_dtype, scoring_rows=None):
 def _objective(points, valid, centroids, assignments, tile_size):
     """Sum over valid rows of the exact float32 squared distance to the assigned centroid.
 
-    Computed tile by tile, whatever the matmul dtype chose the assignment with.
+    Computed tile by tile, whatever the matmul dtype chose the assignment with;
+    a loop over row slices with a scalar accumulator, so no copy of the points.
     """
-    dim = tf.shape(points)[1]
+    tiles = tf.reshape(points, [-1, tile_size, tf.shape(points)[1]])
+    tile_assignments = tf.reshape(assignments, [-1, tile_size])
+    tile_valid = tf.reshape(valid, [-1, tile_size])
+    num_tiles = tf.shape(tiles)[0]
 
-    def tile_sq_dist(tile_and_nearest):
-        tile, nearest = tile_and_nearest
-        return tf.reduce_sum(tf.square(tile - tf.gather(centroids, tf.maximum(nearest, 0))), axis=1)
+    def body(i, total):
+        nearest = tile_assignments[i]
+        sq_dist = tf.reduce_sum(tf.square(tiles[i] - tf.gather(centroids, tf.maximum(nearest, 0))), axis=1)
+        return i + 1, total + tf.reduce_sum(tf.where(tile_valid[i], sq_dist, 0.0))
 
-    sq_dist = tf.map_fn(tile_sq_dist, (tf.reshape(points, [-1, tile_size, dim]),
-                                       tf.reshape(assignments, [-1, tile_size])), fn_output_signature=tf.float32)
-    return tf.reduce_sum(tf.where(valid, tf.reshape(sq_dist, [-1]), 0.0))
+    return tf.while_loop(lambda i, _: i < num_tiles, body, (tf.constant(0), tf.constant(0.0)))[1]
 
 
 def _update(points, assignments, centroids):
