@@ -10,7 +10,10 @@ For each (N, K), on L2-normalised features drawn from a Gaussian mixture
   allowed; keras_pcl's default path (on this CPU: TF graph mode, bf16
   distance matmuls), its forced-XLA path, and (`keras_pcl_256`, not in the
   default --methods) its default path training on faiss' default subsample of
-  256 points per centroid instead of the PCL reference's 1000;
+  256 points per centroid instead of the PCL reference's 1000; `faiss_assign`
+  (not in the default --methods either) is faiss plus the `index.search(x, 1)`
+  that assigns every point, as the PCL reference does after training, since
+  keras_pcl's call returns the assignments too;
 * fixed: at most 20 Lloyd iterations from the same initial centroids, on all
   points, no early stop except exact convergence (keras_pcl and scikit-learn
   stop when no point changes cluster; faiss always runs 20): compare ms/it.
@@ -81,7 +84,7 @@ def run_keras_pcl(x, k, fixed_init=None, jit=False, points_per_centroid=None):
     return time.perf_counter() - start, centroids, int(info["iterations"])
 
 
-def run_faiss(x, k, fixed_init=None):
+def run_faiss(x, k, fixed_init=None, assign=False):
     import faiss
 
     d = x.shape[1]
@@ -93,6 +96,8 @@ def run_faiss(x, k, fixed_init=None):
         km = faiss.Kmeans(d, k, niter=20, max_points_per_centroid=len(x), seed=1234)
         start = time.perf_counter()
         km.train(x, init_centroids=fixed_init)
+    if assign:  # the E-step needs every point's cluster: the reference's index.search(x, 1)
+        km.index.search(x, 1)
     return time.perf_counter() - start, km.centroids, len(km.obj)
 
 
@@ -182,6 +187,9 @@ def main():
         # this row samples like faiss.Kmeans' default (256), for a like-for-like headline.
         "keras_pcl_256": lambda x, k, init: run_keras_pcl(x, k, init, points_per_centroid=256),
         "faiss": run_faiss,
+        # faiss' train() returns centroids only; keras_pcl's kmeans also returns every
+        # point's assignment, which the E-step needs. This row adds faiss' search for it.
+        "faiss_assign": lambda x, k, init: run_faiss(x, k, init, assign=True),
         "sklearn": run_sklearn,
     }
     methods = args.methods.split(",")
