@@ -38,7 +38,7 @@ def accelerator_available():
 
 # On CPU, XLA wins for few clusters over many points: the distance matmul is thin and the
 # memory-bound passes around it dominate, which XLA fuses. bench/RESULTS.md, N = 60 000:
-# XLA 0.52x graph mode's time at K = 50, 0.64x at K = 100, 1.0x at K = 200, 1.5x at K = 500.
+# XLA 0.52x graph mode's time at K = 50, 0.65x at K = 100, 1.0x at K = 200, 1.25-1.5x at K = 500.
 _CPU_XLA_MAX_CLUSTERS = 128
 _CPU_XLA_MIN_POINTS = 20_000  # below, the run is too short for the choice to matter
 
