@@ -62,7 +62,8 @@ flags.DEFINE_enum("augmentation", "pcl_v2", ["pcl_v1", "pcl_v2", "moco_v1", "moc
 flags.DEFINE_list("crop_scale", ["0.2", "1.0"], "RandomResizedCrop area range.")
 flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"], "Compute precision.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA for the train step and E-step: auto = on GPU/TPU only.")
+                  "XLA for the train step and E-step: auto = on GPU/TPU, and on CPU for E-step "
+                  "granularities with K <= 128 over >= 20 000 images.")
 flags.DEFINE_enum("distribution", "default", ["default", "mirrored"],
                   "default (one device) or mirrored (tf.distribute.MirroredStrategy over visible devices).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
