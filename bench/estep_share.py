@@ -42,17 +42,18 @@ def share(run_dir):
     if not rows:
         raise SystemExit(f"{run_dir}: no E-step epochs with timings (is it a PCL run with a TensorBoard log?)")
     first, rest = rows[0], rows[1:] or rows[:1]
-    train_only = [ends[e] - ends[e - 1] for e in ends if e - 1 in ends and e not in {r[0] for r in rows}]
+    estep_epochs = {row[0] for row in rows}
+    without_estep = [ends[e] - ends[e - 1] for e in ends if e - 1 in ends and e not in estep_epochs]
     print(f"{run_dir}: {len(rows)} E-steps")
     print(f"  first E-step (epoch {first[0]}, with tracing): embed {first[1]:.1f} s + k-means/phi {first[2]:.1f} s "
           f"of a {first[3]:.1f} s epoch = {100 * (first[1] + first[2]) / first[3]:.1f} %")
-    median = lambda values: statistics.median(values)  # noqa: E731
+    median = statistics.median
     estep = median([r[1] + r[2] for r in rest])
     epoch = median([r[3] for r in rest])
     print(f"  later E-steps (median of {len(rest)}): embed {median([r[1] for r in rest]):.1f} s + k-means/phi "
           f"{median([r[2] for r in rest]):.1f} s = {estep:.1f} s of a {epoch:.1f} s epoch = {100 * estep / epoch:.1f} %")
-    if train_only:
-        print(f"  warm-up epochs without E-step (median of {len(train_only)}): {median(train_only):.1f} s")
+    if without_estep:
+        print(f"  epochs without E-step (median of {len(without_estep)}): {median(without_estep):.1f} s")
     return estep / epoch
 
 

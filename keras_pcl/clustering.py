@@ -253,7 +253,6 @@ def kmeans_graph(
     all_points, all_valid = _pad_to_tiles(features, tile_size)
     best = None
     for restart in range(num_restarts):
-        run_seed = tf.constant([seed, restart], tf.int32)
         # Hashed (not tf.random) choices: the same subsample and init in graph mode and XLA.
         run_hash = seed * 65537 + restart * 257
         # As faiss (and the reference), train on at most max_points_per_centroid * K points.
@@ -266,7 +265,7 @@ def kmeans_graph(
         elif init == "random":  # K distinct points, as faiss and the reference
             init_centroids = tf.gather(train, hashed_permutation(tf.shape(train)[0], run_hash)[:num_clusters])
         else:
-            init_centroids = _kmeans_plus_plus(train, num_clusters, run_seed)
+            init_centroids = _kmeans_plus_plus(train, num_clusters, tf.constant([seed, restart], tf.int32))
         points, valid = (
             (all_points, all_valid) if train is features else _pad_to_tiles(train, tile_size)
         )
