@@ -29,6 +29,9 @@ flags.DEFINE_integer("epochs", 12, "Training epochs of every trained row.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each row is trained once per seed.")
 flags.DEFINE_list("rows", ["pcl_v2", "moco_v2", "pcl_v1"], "Trained rows, run in this order (seed-major).")
 flags.DEFINE_string("out", "runs/quality", "Folder for the runs and table.md.")
+flags.DEFINE_integer("holdout", 0, "Evaluate every row on this many held-out training images, not the test split "
+                     "(run.py --holdout; for choosing settings without touching the test split).")
+flags.DEFINE_string("extra_flags", "", "Space-separated run.py flags added to every trained row (a variant under test).")
 flags.DEFINE_boolean("train", True, "Train missing rows (false: only tabulate what exists).")
 FLAGS = flags.FLAGS
 
@@ -64,7 +67,8 @@ def train_row(row, seed):
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[row])}",
                *schedule_overrides(config, FLAGS.epochs), f"--seed={seed}", f"--output_dir={out}",
-               "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false"]
+               "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false",
+               f"--holdout={FLAGS.holdout}", *FLAGS.extra_flags.split()]
     print("$", " ".join(command), flush=True)
     started = time.time()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -85,6 +89,8 @@ def baseline_rows(seed):
     config = read_config(CONFIGS["pcl_v2"])
     keras.utils.set_random_seed(seed)
     split = data.load_dataset("fashion_mnist", seed=seed)
+    if FLAGS.holdout:
+        split = data.holdout_split(split, FLAGS.holdout)
     encoder = backbones.BACKBONES[config["encoder"]](
         split.image_shape, width=int(config["width"]), norm=config["norm"], num_splits=int(config["num_splits"]))
     features = {"random_init": [evaluation.extract_features(encoder, x) for x in (split.train_images, split.test_images)],

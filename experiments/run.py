@@ -36,6 +36,9 @@ flags.DEFINE_boolean("small_images", True, "CIFAR-style stem for resnet18/50 (3x
 flags.DEFINE_enum("head", "mlp", ["mlp", "linear"], "Projection head: mlp (v2) or linear (v1).")
 flags.DEFINE_integer("embedding_dim", 128, "Embedding size.")
 flags.DEFINE_integer("hidden_dim", 2048, "Hidden size of the MLP head.")
+flags.DEFINE_integer("holdout", 0,
+                     "Evaluate on this many training images held out of training, not on the test split "
+                     "(for tuning; 0: the test split).")
 flags.DEFINE_integer("image_size", 0, "Training/eval image side (0: the dataset's own; folders: 32).")
 
 # How to train.
@@ -242,6 +245,11 @@ def main(argv):
     if FLAGS.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
     split = data.load_dataset(FLAGS.dataset, image_size=FLAGS.image_size or None, seed=FLAGS.seed)
+    if FLAGS.holdout:
+        try:
+            split = data.holdout_split(split, FLAGS.holdout)
+        except ValueError as error:
+            raise UsageError(f"--holdout: {error}") from None
     print(f"dataset {split.name}: {len(split.train_images)} train / {len(split.test_images)} test images "
           f"{split.image_shape}; {split.notes}")
     data.as_image_array(split.train_images)
@@ -354,7 +362,7 @@ def main(argv):
                                                       knn_k=FLAGS.knn_k, draws=FLAGS.low_shot_draws,
                                                       seed=FLAGS.seed)
         print(format_table(rows))
-    results = {"dataset": split.name, "method": FLAGS.method, "epochs": FLAGS.epochs,
+    results = {"dataset": split.name, "holdout": FLAGS.holdout, "method": FLAGS.method, "epochs": FLAGS.epochs,
                "train_seconds_this_invocation": round(train_seconds, 1), "evaluation": rows,
                "final_logs": {k: v[-1] for k, v in history.items() if v and k != "epoch"}}
     if FLAGS.method == "pcl" and estep.stats:

@@ -4,6 +4,7 @@
 * `eval_dataset`: `(image, index)` batches in index order, the evaluation
   transform (no augmentation), for the E-step and for feature extraction;
 * `load_digits`: scikit-learn's bundled digits, the embedded offline default.
+* `holdout_split`: evaluate on held-out training images, for tuning without the test split.
 
 Images are arrays `[N, H, W, C]` (or `[N, H, W]`), uint8 in `[0, 255]` or
 float in `[0, 1]`; pipelines feed float32 in `[0, 1]`.
@@ -178,6 +179,26 @@ class Split:
     @property
     def has_labels(self):
         return self.train_labels is not None and self.test_labels is not None
+
+
+def holdout_split(split, count, seed=0):
+    """Holds `count` labelled training images out as the evaluation set.
+
+    For tuning without looking at the test split: the returned `Split` trains on
+    the rest and evaluates on the held-out images (the test images are dropped).
+    Which images are held out depends only on `seed` and the training set size,
+    so runs with different training seeds and settings share one held-out set.
+    """
+    total = len(split.train_images)
+    if not 0 < count < total:
+        raise ValueError(f"holdout count {count} must be between 1 and {total - 1} (the training images minus one).")
+    if split.train_labels is None:
+        raise ValueError(f"dataset {split.name!r} has no labels to evaluate a held-out set with; drop the holdout.")
+    order = np.random.default_rng(seed).permutation(total)
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    return Split(f"{split.name}[holdout {count}]", split.train_images[kept], split.train_labels[kept],
+                 split.train_images[held], split.train_labels[held],
+                 notes=f"{split.notes}; evaluated on {count} training images held out (seed {seed}), not the test split")
 
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -139,3 +139,20 @@ def test_npz_source(tmp_path, rng):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         data.load_dataset("mnist")
+
+
+def test_holdout_split_evaluates_on_unseen_training_images():
+    images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1)
+    split = data.Split("toy", images, np.arange(50) % 5, images[:3], np.zeros(3, int))
+    held = data.holdout_split(split, 10)
+    train_ids, test_ids = held.train_images.ravel(), held.test_images.ravel()
+    assert len(train_ids) == 40 and len(test_ids) == 10
+    assert not set(train_ids) & set(test_ids) and set(train_ids) | set(test_ids) == set(range(50))
+    np.testing.assert_array_equal(held.test_labels, test_ids % 5)  # labels travel with their images
+    # The held-out set depends on the holdout seed only, not on anything about the run.
+    np.testing.assert_array_equal(data.holdout_split(split, 10).test_images, held.test_images)
+    assert not np.array_equal(data.holdout_split(split, 10, seed=1).test_images, held.test_images)
+    with pytest.raises(ValueError, match="between 1 and 49"):
+        data.holdout_split(split, 50)
+    with pytest.raises(ValueError, match="no labels"):
+        data.holdout_split(data.Split("unlabelled", images, None, images, None), 10)

@@ -122,6 +122,7 @@ BAD_INPUTS = [
      "needs images of at least 32 px"),
     ("npz without x", ["--dataset=npz:{tmp}/nox.npz"], "no array named 'x'"),
     ("batch vs split BN", ["--batch_size=102", "--queue_size=1020"], "--batch_size 102 is not divisible by --num_splits 4"),
+    ("holdout too large", ["--holdout=5000"], "--holdout: holdout count 5000 must be between 1 and 1437"),
     ("bad crop scale", ["--crop_scale=0.5"], "--crop_scale takes two numbers"),
     ("stray argument", ["extra"], "unexpected arguments"),
 ]
