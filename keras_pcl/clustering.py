@@ -25,7 +25,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from keras_pcl.hashing import hashed_permutation
+from keras_pcl.hashing import hashed_permutation, hashed_uniform
 
 # faiss's relative perturbation when splitting a cluster to fill an empty one.
 _SPLIT_EPS = 1.0 / 1024.0
@@ -195,17 +195,24 @@ def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtyp
 
 def _kmeans_plus_plus(points, num_clusters, seed):
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): each new centre is drawn
-    with probability proportional to its squared distance to the nearest chosen one."""
+    with probability proportional to its squared distance to the nearest chosen one.
+
+    Draw i inverts the cumulative distance with the hashed uniform u_i (so graph
+    mode and XLA pick the same points): the first index whose cumulative sum
+    exceeds u_i times the total.
+    """
     num_points = tf.shape(points)[0]
-    first = tf.random.stateless_uniform([], seed=seed, maxval=num_points, dtype=tf.int32)
+    uniforms = hashed_uniform(num_clusters, seed)
+    first = tf.minimum(tf.cast(uniforms[0] * tf.cast(num_points, tf.float32), tf.int32), num_points - 1)
     centres = tf.tensor_scatter_nd_update(
         tf.zeros([num_clusters, points.shape[1]]), [[0]], points[first][None]
     )
     nearest_sq = tf.reduce_sum(tf.square(points - points[first]), axis=1)
 
     def body(i, centres, nearest_sq):
-        logits = tf.math.log(tf.maximum(nearest_sq, 1e-30))[None, :]
-        pick = tf.random.stateless_categorical(logits, 1, seed=seed + i, dtype=tf.int32)[0, 0]
+        cumulative = tf.cumsum(nearest_sq)
+        threshold = uniforms[i] * cumulative[-1]
+        pick = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= threshold, tf.int32)), num_points - 1)
         centres = tf.tensor_scatter_nd_update(centres, [[i]], points[pick][None])
         sq = tf.reduce_sum(tf.square(points - points[pick]), axis=1)
         return i + 1, centres, tf.minimum(nearest_sq, sq)
@@ -265,7 +272,7 @@ def kmeans_graph(
         elif init == "random":  # K distinct points, as faiss and the reference
             init_centroids = tf.gather(train, hashed_permutation(tf.shape(train)[0], run_hash)[:num_clusters])
         else:
-            init_centroids = _kmeans_plus_plus(train, num_clusters, tf.constant([seed, restart], tf.int32))
+            init_centroids = _kmeans_plus_plus(train, num_clusters, run_hash + 13)
         points, valid = (
             (all_points, all_valid) if train is features else _pad_to_tiles(train, tile_size)
         )
@@ -326,10 +333,9 @@ def kmeans(
         init: "random" (K distinct points, as faiss and the reference; cheap
             for large K) or "k-means++" (better on well-separated data, but
             K sequential passes over the points), or a `[K, d]` array of
-            initial centroids (then `num_restarts` must be 1). "random" init
-            and the training subsample come from an integer hash of the seed,
-            identical under XLA and graph mode; k-means++ draws with
-            `tf.random`, whose streams differ between the two.
+            initial centroids (then `num_restarts` must be 1). Both inits and
+            the training subsample draw from an integer hash of the seed
+            (`keras_pcl.hashing`), identical under XLA and graph mode.
         jit_compile: "auto" (XLA on GPU/TPU, and on CPU for K <= 128 with
             N >= 20 000; graph mode otherwise), True or False.
         matmul_dtype: dtype of the distance matmul; "auto" picks bfloat16 in

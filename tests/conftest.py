@@ -38,3 +38,17 @@ def runner():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _numpy_mixed_bits(size, seed):
+    """NumPy reference of `keras_pcl.hashing`: MurmurHash3's finaliser of index + seed * golden ratio."""
+    mask = np.uint64(0xFFFFFFFF)
+    h = (np.arange(size, dtype=np.uint64) + np.uint64(seed % 2**32) * np.uint64(0x9E3779B9)) & mask
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> np.uint64(shift))) * np.uint64(multiplier)) & mask
+    return h ^ (h >> np.uint64(16))
+
+
+@pytest.fixture(scope="session")
+def numpy_hash():
+    return _numpy_mixed_bits

@@ -53,6 +53,29 @@ def test_fixed_iterations_match_numpy_lloyd(rng, tile_size):
     np.testing.assert_allclose(got_c, want_c, atol=1e-4)
 
 
+def reference_kmeans_plus_plus(x, num_clusters, uniforms):
+    """k-means++ in float64 NumPy: draw i is the first index whose cumulative squared
+    distance to the chosen centres exceeds uniforms[i] times the total."""
+    centres = [x[min(int(uniforms[0] * len(x)), len(x) - 1)]]
+    for u in uniforms[1:num_clusters]:
+        nearest_sq = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        cumulative = np.cumsum(nearest_sq)
+        centres.append(x[min(int((cumulative <= u * cumulative[-1]).sum()), len(x) - 1)])
+    return np.stack(centres)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_kmeans_plus_plus_matches_numpy_and_is_identical_under_xla(rng, numpy_hash, seed):
+    from keras_pcl.hashing import hashed_uniform
+
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    uniforms = (numpy_hash(7, seed) >> np.uint64(8)).astype(np.float64) / 2**24
+    for jit in (False, True):
+        np.testing.assert_array_equal(tf.function(hashed_uniform, jit_compile=jit)(7, seed).numpy(), uniforms)
+        got = tf.function(lambda p: clustering._kmeans_plus_plus(p, 7, seed), jit_compile=jit)(x).numpy()
+        np.testing.assert_array_equal(got, reference_kmeans_plus_plus(x.astype(np.float64), 7, uniforms))
+
+
 def test_early_stop_converges_to_a_fixed_point(blobs):
     x, _ = blobs
     centroids, assignments, info = clustering.kmeans(x, 8, num_iters=100, tol=0.0, init="k-means++",
