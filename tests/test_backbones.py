@@ -7,14 +7,21 @@ import pytest
 from keras_pcl import backbones
 
 
+def _split_norm_reference(x, gamma, beta, num_splits, eps=1e-5):
+    """Per-group batch norm in float64 NumPy: output, normalised input, and the
+    per-group means and variances `[num_splits, 1, C]`."""
+    groups = x.astype(np.float64).reshape((num_splits, -1, x.shape[-1]))
+    mean = groups.mean(axis=1, keepdims=True)
+    var = groups.var(axis=1, keepdims=True)
+    xhat = (groups - mean) / np.sqrt(var + eps)
+    return (xhat * gamma + beta).reshape(x.shape), xhat.reshape(x.shape), mean, var
+
+
 def test_split_batch_norm_matches_per_group_reference(rng):
     x = rng.normal(2.0, 3.0, size=(8, 3, 3, 4)).astype(np.float32)
     layer = backbones.SplitBatchNormalization(num_splits=4, momentum=0.5)
     y = layer(x, training=True).numpy()
-    groups = x.reshape(4, 2, 3, 3, 4)
-    mean = groups.mean(axis=(1, 2, 3), keepdims=True)
-    var = groups.var(axis=(1, 2, 3), keepdims=True)
-    want = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    want, _, mean, var = _split_norm_reference(x, np.ones(4), np.zeros(4), 4)
     np.testing.assert_allclose(y, want, atol=1e-4)
     np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * mean.reshape(4, 4).mean(0), atol=1e-5)
     np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5 + 0.5 * var.reshape(4, 4).mean(0), atol=1e-4)
@@ -22,15 +29,6 @@ def test_split_batch_norm_matches_per_group_reference(rng):
     inference = layer(x, training=False).numpy()
     want = (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-5)
     np.testing.assert_allclose(inference, want, atol=1e-4)
-
-
-def _split_norm_reference(x, gamma, beta, num_splits, eps=1e-5):
-    """Per-group batch norm in float64 NumPy, and the gradients of sum(y * w)."""
-    groups = x.astype(np.float64).reshape((num_splits, -1, x.shape[-1]))
-    mean = groups.mean(axis=1, keepdims=True)
-    var = groups.var(axis=1, keepdims=True)
-    xhat = (groups - mean) / np.sqrt(var + eps)
-    return (xhat * gamma + beta).reshape(x.shape), xhat.reshape(x.shape), var
 
 
 @pytest.mark.parametrize("shape,num_splits", [((8, 5, 3, 4), 4), ((12, 6), 3), ((6, 7, 4), 1)])
@@ -51,7 +49,7 @@ def test_split_batch_norm_gradients_match_reference(rng, shape, num_splits):
         y = layer(x_tensor, training=True)
         loss = tf.reduce_sum(y * w)
     grad_x, grad_gamma, grad_beta = tape.gradient(loss, [x_tensor, layer.gamma, layer.beta])
-    want, xhat, var = _split_norm_reference(x, gamma, beta, num_splits)
+    want, xhat, _, var = _split_norm_reference(x, gamma, beta, num_splits)
     np.testing.assert_allclose(y.numpy(), want, atol=1e-4)
     np.testing.assert_allclose(grad_gamma.numpy(), (w * xhat).reshape(-1, shape[-1]).sum(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grad_beta.numpy(), w.reshape(-1, shape[-1]).sum(0), rtol=1e-4, atol=1e-4)
@@ -68,7 +66,7 @@ def test_split_batch_norm_under_mixed_bfloat16_keeps_float32_statistics(rng):
     y = layer(x, training=True)
     assert y.dtype == "bfloat16"
     assert layer.gamma.dtype == layer.moving_mean.dtype == "float32"
-    want, _, var = _split_norm_reference(x, np.ones(6), np.zeros(6), 2)
+    want, _, _, var = _split_norm_reference(x, np.ones(6), np.zeros(6), 2)
     # Only the activations are rounded to bfloat16 (8 bits of mantissa).
     np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.05)
     np.testing.assert_allclose(layer.moving_variance.numpy(), var.reshape(2, 6).mean(0), rtol=0.02)
