@@ -58,6 +58,9 @@ flags.DEFINE_boolean("symmetric", False, "Use both views as queries.")
 flags.DEFINE_list("num_clusters", ["25000", "50000", "100000"], "PCL: clusters per granularity.")
 flags.DEFINE_integer("warmup_epochs", 20, "PCL: epochs of InfoNCE only before the first E-step.")
 flags.DEFINE_integer("num_negative_prototypes", 0, "PCL: sampled negatives per step (0: exact softmax).")
+flags.DEFINE_boolean("feature_bank", False,
+                     "PCL: after the first E-step, cluster a bank of each image's latest training key "
+                     "instead of re-embedding the dataset (E-step costs k-means only).")
 flags.DEFINE_integer("estep_every", 1, "PCL: run the E-step every this many epochs.")
 flags.DEFINE_integer("kmeans_iters", 20, "PCL: k-means iterations (upper bound; stops early).")
 flags.DEFINE_integer("kmeans_restarts", 1, "PCL: k-means restarts.")
@@ -211,7 +214,8 @@ def build_model(keras_pcl, keras, split, image_size, clusters):
         return keras_pcl.MoCo(backbone, head, **common)
     return keras_pcl.PCL(backbone, head, num_samples=len(split.train_images), num_clusters=clusters,
                          warmup_epochs=FLAGS.warmup_epochs,
-                         num_negative_prototypes=FLAGS.num_negative_prototypes or None, **common)
+                         num_negative_prototypes=FLAGS.num_negative_prototypes or None,
+                         use_feature_bank=FLAGS.feature_bank, **common)
 
 
 def format_table(rows):

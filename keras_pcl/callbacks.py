@@ -103,7 +103,9 @@ class PrototypeUpdate(keras.callbacks.Callback):
     embeds every training image with the momentum encoder and the evaluation
     transform, runs k-means for each K in `model.num_clusters` and computes
     the concentration phi, all as one compiled TensorFlow function, then
-    writes prototypes, phi and assignments into the model.
+    writes prototypes, phi and assignments into the model. A model built
+    with `use_feature_bank=True` is embedded once, at the first E-step; later
+    E-steps cluster its bank of training keys.
 
     Args:
         dataset: the training images as `(image, index)` batches with the
@@ -164,13 +166,20 @@ class PrototypeUpdate(keras.callbacks.Callback):
         if self._estep_fn is None:  # traced once, reused by every E-step
             self._estep_fn = self._compiled_estep(model)
             self._embed_step = embedding_step(model.embed_keys)
+        from_bank = getattr(model, "use_feature_bank", False) and int(model.prototypes_ready.numpy())
         if self.verbose:
-            print(f"E-step: embedding {model.num_samples} images with the momentum encoder")
+            print("E-step: clustering the bank of training keys" if from_bank else
+                  f"E-step: embedding {model.num_samples} images with the momentum encoder")
         started = time.perf_counter()
-        features = embed_dataset(
-            model.embed_keys, self.dataset, model.num_samples,
-            strategy=model.distribute_strategy, verbose=self.verbose, step=self._embed_step,
-        )
+        if from_bank:
+            features = tf.convert_to_tensor(model.feature_bank.value)
+        else:
+            features = embed_dataset(
+                model.embed_keys, self.dataset, model.num_samples,
+                strategy=model.distribute_strategy, verbose=self.verbose, step=self._embed_step,
+            )
+            if getattr(model, "use_feature_bank", False):
+                model.feature_bank.assign(features)
         embedded = time.perf_counter()
         results = self._estep_fn(features)
         model.set_prototypes(results)

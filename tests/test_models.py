@@ -100,6 +100,38 @@ def test_keys_are_enqueued_after_each_step(digits):
     np.testing.assert_allclose(model.queue.numpy()[32:], keys[32:64], atol=1e-5)
 
 
+def test_feature_bank_holds_each_samples_latest_training_key(digits):
+    model = tiny_pcl(80, shuffle_keys=False, use_feature_bank=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # weights stay fixed: keys are predictable
+    images = digits[0][:80]
+    model.fit(fixed_views(images), epochs=1, verbose=0)  # 2 steps of 32; the last 16 are dropped
+    keys = model.embed_keys(data.to_float(images), training=True).numpy()
+    bank = model.feature_bank.numpy()
+    np.testing.assert_allclose(bank[:64], keys[:64], atol=1e-5)
+    assert not bank[64:].any()  # never seen: still empty
+
+
+def test_estep_embeds_once_then_clusters_the_feature_bank(digits):
+    from sklearn.metrics import adjusted_rand_score
+
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), num_clusters=(4,), use_feature_bank=True)
+    model.compile(optimizer="sgd")
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(model)
+    update.run_estep()  # the first E-step embeds the images and fills the bank
+    np.testing.assert_allclose(model.feature_bank.numpy(), model.embed_keys(data.to_float(images)).numpy(),
+                               atol=1e-5)
+    # Later E-steps cluster the bank: four planted groups come back as the clusters.
+    planted = np.arange(64) % 4
+    centres = np.linalg.qr(np.random.default_rng(0).normal(size=(16, 4)))[0].T
+    noise = np.random.default_rng(1).normal(scale=0.01, size=(64, 16))
+    model.feature_bank.assign(keras_pcl.models.base.l2_normalize(centres[planted] + noise))
+    update.run_estep()
+    assert adjusted_rand_score(planted, model.assignments.numpy()[0]) == 1.0
+    assert update.stats["estep_embed_seconds"] < update.stats["estep_cluster_seconds"]
+
+
 def test_pcl_warmup_then_protonce(digits):
     images = digits[0][:256]
     model = tiny_pcl(len(images), warmup_epochs=1)
@@ -177,14 +209,14 @@ def test_key_shuffle_permutation_matches_numpy_hash_and_xla(step, numpy_hash):
 
 def test_xla_train_step_matches_graph_mode(digits):
     """jit_compile=True (XLA, the GPU/TPU path) trains the same PCL step as graph mode:
-    split BatchNorm, the key shuffle, the queue and ProtoNCE all compile."""
+    split BatchNorm, the key shuffle, the queue, the feature bank and ProtoNCE all compile."""
     images = digits[0][:64]
 
     def build(jit):
         keras.utils.set_random_seed(3)
         model = keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="split", num_splits=2),
                               backbones.mlp_head(16, 32), num_samples=len(images), num_clusters=(4, 6),
-                              warmup_epochs=1, queue_size=64, momentum=0.9)
+                              warmup_epochs=1, queue_size=64, momentum=0.9, use_feature_bank=True)
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit)
         return model
 
@@ -199,6 +231,7 @@ def test_xla_train_step_matches_graph_mode(digits):
     for name in ("info_nce", "proto_nce"):
         np.testing.assert_allclose(history_xla[name], history_graph[name], rtol=1e-3)
     np.testing.assert_allclose(xla.queue.numpy(), graph.queue.numpy(), atol=1e-3)
+    np.testing.assert_allclose(xla.feature_bank.numpy(), graph.feature_bank.numpy(), atol=1e-3)
     np.testing.assert_allclose(xla.backbone.get_layer("norm1").moving_variance.numpy(),
                                graph.backbone.get_layer("norm1").moving_variance.numpy(), rtol=1e-3)
 
@@ -209,7 +242,7 @@ def test_two_replicas_match_one(digits, tmp_path):
 
     def build():
         keras.utils.set_random_seed(1)
-        model = tiny_pcl(len(images), shuffle_keys=False)
+        model = tiny_pcl(len(images), shuffle_keys=False, use_feature_bank=True)
         model.compile(optimizer=keras.optimizers.SGD(0.1))
         return model
 
@@ -224,6 +257,10 @@ def test_two_replicas_match_one(digits, tmp_path):
     replicas = mirrored.queue.value.values
     np.testing.assert_allclose(replicas[0].numpy(), single.queue.numpy(), atol=1e-6)
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+    banks = mirrored.feature_bank.value.values  # both replicas' keys, on both replicas
+    np.testing.assert_allclose(banks[0].numpy(), single.feature_bank.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(banks[0].numpy(), banks[1].numpy())
+    assert (np.abs(banks[0].numpy()[:32]).sum(1) > 0).all() and not banks[0].numpy()[32:].any()
     for k_single, k_mirrored in zip(single.key_head.weights, mirrored.key_head.weights):
         copies = k_mirrored.value.values
         np.testing.assert_allclose(copies[0].numpy(), k_single.numpy(), atol=1e-6)
@@ -233,7 +270,7 @@ def test_two_replicas_match_one(digits, tmp_path):
         update = keras_pcl.PrototypeUpdate(data.eval_dataset(images, 24), verbose=0)
         history = mirrored.fit(fixed_views(images), epochs=2, callbacks=[update], verbose=0).history
     assert history["proto_nce"][1] > 0
-    for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue]:
+    for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue, mirrored.feature_bank]:
         copies = variable.value.values
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
     # A checkpoint restores into a fresh mirrored model from outside the scope, as run.py does it
@@ -251,7 +288,7 @@ def test_two_replicas_match_one(digits, tmp_path):
             np.testing.assert_array_equal(copy.numpy(), np.asarray(saved.value.values[0]), err_msg=loaded.path)
 
 
-@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3)])
+@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True)])
 def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     model = build()
     model.compile(optimizer=keras.optimizers.SGD(0.1))
@@ -282,6 +319,7 @@ def test_config_and_keras_file_round_trip(tmp_path, digits, build):
         for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(loaded.assignments.numpy(), model.assignments.numpy())
+        np.testing.assert_array_equal(loaded.feature_bank.numpy(), model.feature_bank.numpy())
 
 
 class DivergeAt(keras.callbacks.Callback):

@@ -66,6 +66,27 @@ def apply_once(assignments):
     context.merge_call(merge_fn, args=tuple(values))
 
 
+def scatter_once(variable, indices, updates):
+    """Writes `updates [n, ...]` into rows `indices [n]` of `variable`, once per global step.
+
+    The in-place counterpart of `apply_once` for large state (a scatter, not a
+    copy of the whole variable); `indices` and `updates` must be equal across
+    replicas (from `gather_across_replicas`).
+    """
+    indices = tf.cast(indices, tf.int64)[:, None]
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        _tf_variable(variable).scatter_nd_update(indices, updates)
+        return
+
+    def merge_fn(strategy, indices, updates):
+        strategy.extended.update(
+            _tf_variable(variable), lambda var, i, u: var.scatter_nd_update(i, u), args=(indices, updates)
+        )
+
+    context.merge_call(merge_fn, args=(indices, updates))
+
+
 def _multi_worker():
     strategy = tf.distribute.get_strategy()
     # The same test Keras' TF trainer uses to pick its cross-worker reduction.

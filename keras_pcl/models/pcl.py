@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import losses
+from keras_pcl.models.base import gather_across_replicas, scatter_once
 from keras_pcl.models.moco import MoCo
 
 
@@ -21,8 +22,9 @@ class PCL(MoCo):
     first E-step the model trains as MoCo (the warm-up).
 
     State, all non-trainable weights saved with the model: `prototypes_{m}`
-    `[K_m, d]`, `concentration_{m}` `[K_m]`, `assignments` `[M, N]` int and
-    `prototypes_ready` (0 until the first E-step).
+    `[K_m, d]`, `concentration_{m}` `[K_m]`, `assignments` `[M, N]` int,
+    `prototypes_ready` (0 until the first E-step) and, with
+    `use_feature_bank`, `feature_bank` `[N, d]`.
 
     Args:
         backbone, head: as in `MoCo`.
@@ -32,6 +34,14 @@ class PCL(MoCo):
         num_negative_prototypes: None for the exact softmax over all K
             prototypes; an int r to sample r negatives per step on device from
             the prototypes that are positive for no sample of the batch.
+        use_feature_bank: keep each sample's latest training key (the momentum
+            encoder's embedding of its second view, written every step) in a
+            `[N, d]` bank. The E-step then clusters the bank instead of
+            re-embedding the dataset -- after the first E-step, which embeds
+            and fills it -- so it costs k-means only. The bank's keys come from
+            augmented views and from the encoder as it was when each sample was
+            last seen (up to an epoch old), not from the reference's fresh
+            unaugmented pass. `N x d` floats per replica.
         **kwargs: `MoCo` arguments (queue_size, momentum, temperature, ...).
 
     Example:
@@ -48,7 +58,7 @@ class PCL(MoCo):
     metric_names = ("instance_acc", "proto_acc")
 
     def __init__(self, backbone, head, num_samples, num_clusters=(250, 500, 1000), warmup_epochs=10,
-                 num_negative_prototypes=None, **kwargs):
+                 num_negative_prototypes=None, use_feature_bank=False, **kwargs):
         super().__init__(backbone, head, **kwargs)
         num_clusters = tuple(int(k) for k in (
             num_clusters if isinstance(num_clusters, (list, tuple)) else [num_clusters]))
@@ -73,6 +83,7 @@ class PCL(MoCo):
         self.num_negative_prototypes = (
             None if num_negative_prototypes is None else int(num_negative_prototypes)
         )
+        self.use_feature_bank = bool(use_feature_bank)
         # One attribute per variable (the lists below are derived): TensorFlow's
         # checkpoints follow attributes, not Python lists, in Keras 3 layers.
         for m, k in enumerate(num_clusters):
@@ -87,6 +98,9 @@ class PCL(MoCo):
         self.prototypes_ready = self.add_weight(
             shape=(), dtype="int32", name="prototypes_ready", trainable=False, initializer="zeros"
         )
+        self.feature_bank = self.add_weight(
+            shape=(self.num_samples, self.embedding_dim), dtype="float32", name="feature_bank",
+            trainable=False, initializer="zeros") if self.use_feature_bank else None
 
     @property
     def prototypes(self):
@@ -145,7 +159,14 @@ class PCL(MoCo):
         proto_loss, proto_acc = tf.cond(self.prototypes_ready > 0, prototype_terms, warmup_terms)
         loss_terms["proto_nce"] = proto_loss
         outputs["proto_acc"] = proto_acc
+        outputs["index"] = index
         return loss_terms, outputs
+
+    def after_step(self, outputs):
+        super().after_step(outputs)
+        if self.use_feature_bank:
+            scatter_once(self.feature_bank, gather_across_replicas(outputs["index"]),
+                         tf.cast(gather_across_replicas(outputs["keys"]), tf.float32))
 
     def fit(self, *args, **kwargs):
         from keras_pcl.callbacks import PrototypeUpdate
@@ -164,5 +185,6 @@ class PCL(MoCo):
         config = super().get_config()
         config.update(num_samples=self.num_samples, num_clusters=list(self.num_clusters),
                       warmup_epochs=self.warmup_epochs,
-                      num_negative_prototypes=self.num_negative_prototypes)
+                      num_negative_prototypes=self.num_negative_prototypes,
+                      use_feature_bank=self.use_feature_bank)
         return config
