@@ -135,7 +135,11 @@ def main(argv):
                 entry["seconds"].append(result["train_seconds_this_invocation"])
         for name, scores in baseline_rows(seed).items():
             results.setdefault(name, {"scores": [], "seconds": []})["scores"].append(scores)
-    text = (f"Fashion-MNIST test split, {FLAGS.epochs} epochs per trained row, seeds {','.join(FLAGS.seeds)}; "
+    evaluated_on = (f"{FLAGS.holdout} held-out training images (run.py --holdout)" if FLAGS.holdout
+                    else "test split")
+    extra = f" with {FLAGS.extra_flags}" if FLAGS.extra_flags else ""
+    text = (f"Fashion-MNIST {evaluated_on}, {FLAGS.epochs} epochs per trained row{extra}, "
+            f"seeds {','.join(FLAGS.seeds)}; "
             "mean ± spread (max - min) over seeds; accuracies in %, low-shot columns are labelled images per class.\n\n"
             + table(results))
     with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
