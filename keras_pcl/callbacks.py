@@ -66,8 +66,8 @@ def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0, step
     interactive = verbose and hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
     progress = keras.utils.Progbar(num_samples, unit_name="image") if interactive else None
     rows, indices = [], []
-    # tf.data's autotuning stalled this pass by ~4 s in 3 of 5 idle runs here (5.9 s of compute
-    # took 10.2 s); with it off, none did (bench/results/embed_pass_probe.log).
+    # With tf.data's autotuning on, 9 of 18 idle passes here stalled by ~4 s (5.9 s of compute
+    # took 10.2 s); with it off, none of 6 did (bench/results/embed_pass_probe*.log).
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = dataset.with_options(options)
