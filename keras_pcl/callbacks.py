@@ -171,7 +171,8 @@ class PrototypeUpdate(keras.callbacks.Callback):
         if self._estep_fn is None:  # traced once, reused by every E-step
             self._estep_fn = self._compiled_estep(model)
             self._embed_step = embedding_step(model.embed_keys)
-        from_bank = getattr(model, "use_feature_bank", False) and int(model.prototypes_ready.numpy())
+        has_bank = getattr(model, "use_feature_bank", False)  # MoCo-style models have none
+        from_bank = has_bank and int(model.prototypes_ready.numpy())
         if self.verbose:
             print("E-step: clustering the bank of training keys" if from_bank else
                   f"E-step: embedding {model.num_samples} images with the momentum encoder")
@@ -183,7 +184,7 @@ class PrototypeUpdate(keras.callbacks.Callback):
                 model.embed_keys, self.dataset, model.num_samples,
                 strategy=model.distribute_strategy, verbose=self.verbose, step=self._embed_step,
             )
-            if getattr(model, "use_feature_bank", False):
+            if has_bank:
                 model.feature_bank.assign(features)
         embedded = time.perf_counter()
         results = self._estep_fn(features)

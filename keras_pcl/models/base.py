@@ -40,30 +40,32 @@ def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def apply_once(assignments):
-    """Assigns `[(variable, new_value), ...]` once per global step, on every replica.
+def _update_once(updates):
+    """Runs `[(variable, update_fn, args), ...]` once per global step, on every replica.
 
     Under a strategy, writing a mirrored variable from the replica context
     does not keep the copies equal; this goes through `merge_call` and
     `strategy.extended.update`, so each replica's copy receives that replica's
-    value. Callers pass values that are already equal across replicas
+    `args`. Callers pass args that are already equal across replicas
     (computed from mirrored weights or from `gather_across_replicas`).
     """
-    variables = [variable for variable, _ in assignments]
-    values = [value for _, value in assignments]
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        for variable, value in zip(variables, values):
-            variable.assign(value)
+        for variable, update_fn, args in updates:
+            update_fn(variable, *args)
         return
 
-    def merge_fn(strategy, *values):
-        for variable, value in zip(variables, values):
-            strategy.extended.update(
-                _tf_variable(variable), lambda var, val: var.assign(val), args=(value,)
-            )
+    def merge_fn(strategy, *all_args):
+        for (variable, update_fn, _), args in zip(updates, all_args):
+            strategy.extended.update(_tf_variable(variable), update_fn, args=args)
 
-    context.merge_call(merge_fn, args=tuple(values))
+    context.merge_call(merge_fn, args=tuple(args for _, _, args in updates))
+
+
+def apply_once(assignments):
+    """Assigns `[(variable, new_value), ...]` once per global step, on every replica
+    (see `_update_once`)."""
+    _update_once([(variable, lambda var, value: var.assign(value), (value,)) for variable, value in assignments])
 
 
 def scatter_once(variable, indices, updates):
@@ -74,17 +76,7 @@ def scatter_once(variable, indices, updates):
     replicas (from `gather_across_replicas`).
     """
     indices = tf.cast(indices, tf.int64)[:, None]
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        _tf_variable(variable).scatter_nd_update(indices, updates)
-        return
-
-    def merge_fn(strategy, indices, updates):
-        strategy.extended.update(
-            _tf_variable(variable), lambda var, i, u: var.scatter_nd_update(i, u), args=(indices, updates)
-        )
-
-    context.merge_call(merge_fn, args=(indices, updates))
+    _update_once([(variable, lambda var, i, u: _tf_variable(var).scatter_nd_update(i, u), (indices, updates))])
 
 
 def _multi_worker():
