@@ -171,7 +171,7 @@ class PrototypeUpdate(keras.callbacks.Callback):
         if self._estep_fn is None:  # traced once, reused by every E-step
             self._estep_fn = self._compiled_estep(model)
             self._embed_step = embedding_step(model.embed_keys)
-        has_bank = getattr(model, "use_feature_bank", False)  # MoCo-style models have none
+        has_bank = model.use_feature_bank
         from_bank = has_bank and int(model.prototypes_ready.numpy())
         if self.verbose:
             print("E-step: clustering the bank of training keys" if from_bank else
