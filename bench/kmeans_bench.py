@@ -15,12 +15,16 @@ For each (N, K), on L2-normalised features drawn from a Gaussian mixture
   that assigns every point, as the PCL reference does after training, since
   keras_pcl's call returns the assignments too;
 * fixed: at most 20 Lloyd iterations from the same initial centroids, on all
-  points, no early stop except exact convergence (keras_pcl and scikit-learn
-  stop when no point changes cluster; faiss always runs 20): compare ms/it.
+  points, no early stop except exact convergence (every library,
+  faiss 1.15 included, stops once converged): compare ms/it.
 
 Objectives are recomputed identically for every method: the sum over all N
 points of the squared distance to the nearest returned centroid (exact, f32).
 Methods run alternately, `--repeats` times; the median time is reported.
+At defaults every library draws its own initial centroids, so a single draw's
+objective differs by luck; `--seeds=S` runs each method from S seeds (keras_pcl
+`seed=s`, faiss `seed=1234+s`, scikit-learn `random_state=s`) and compares
+mean objectives, printing each method's spread over seeds.
 
 Peak memory (`--memory`): each (N, K, method) runs once at defaults in a fresh
 process; reported is the process's peak resident memory (VmHWM) minus its
@@ -71,10 +75,10 @@ def objective(x, centroids):
     return float(total)
 
 
-def run_keras_pcl(x, k, fixed_init=None, jit=False, points_per_centroid=None):
+def run_keras_pcl(x, k, fixed_init=None, jit=False, points_per_centroid=None, seed=0):
     from keras_pcl import clustering
 
-    options = dict(jit_compile=True) if jit else {}
+    options = dict(seed=seed, jit_compile=True) if jit else dict(seed=seed)
     if points_per_centroid:
         options.update(max_points_per_centroid=points_per_centroid)
     if fixed_init is not None:
@@ -84,12 +88,12 @@ def run_keras_pcl(x, k, fixed_init=None, jit=False, points_per_centroid=None):
     return time.perf_counter() - start, centroids, int(info["iterations"])
 
 
-def run_faiss(x, k, fixed_init=None, assign=False):
+def run_faiss(x, k, fixed_init=None, assign=False, seed=0):
     import faiss
 
     d = x.shape[1]
     if fixed_init is None:
-        km = faiss.Kmeans(d, k, seed=1234)
+        km = faiss.Kmeans(d, k, seed=1234 + seed)
         start = time.perf_counter()
         km.train(x)
     else:
@@ -101,11 +105,11 @@ def run_faiss(x, k, fixed_init=None, assign=False):
     return time.perf_counter() - start, km.centroids, len(km.obj)
 
 
-def run_sklearn(x, k, fixed_init=None):
+def run_sklearn(x, k, fixed_init=None, seed=0):
     from sklearn.cluster import KMeans
 
     if fixed_init is None:
-        km = KMeans(k, n_init=1, random_state=0)
+        km = KMeans(k, n_init=1, random_state=seed)
     else:
         km = KMeans(k, init=fixed_init, n_init=1, max_iter=20, tol=0.0, algorithm="lloyd")
     start = time.perf_counter()
@@ -161,7 +165,10 @@ def main():
     parser.add_argument("--n", default="50000", help="comma list of N")
     parser.add_argument("--k", default="1000,10000", help="comma list of K")
     parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (and per seed), alternating")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="defaults mode: run each method from this many seeds (its own initial centroids and "
+                             "subsample); report the median time and the mean objective")
     parser.add_argument("--methods", default="keras_pcl,keras_pcl_xla,faiss,sklearn")
     parser.add_argument("--modes", default="defaults,fixed")
     parser.add_argument("--json", default="", help="also write the rows to this file")
@@ -181,16 +188,16 @@ def main():
           f"jit={clustering.resolve_jit_compile('auto')} (on CPU XLA for K <= 128 over >= 20k points), "
           f"graph-mode matmul={clustering.resolve_matmul_dtype('auto', False).name}")
     runners = {
-        "keras_pcl": lambda x, k, init: run_keras_pcl(x, k, init),
-        "keras_pcl_xla": lambda x, k, init: run_keras_pcl(x, k, init, jit=True),
+        "keras_pcl": lambda x, k, init, seed: run_keras_pcl(x, k, init, seed=seed),
+        "keras_pcl_xla": lambda x, k, init, seed: run_keras_pcl(x, k, init, jit=True, seed=seed),
         # keras_pcl's default is the PCL reference's 1000 training points per centroid;
         # this row samples like faiss.Kmeans' default (256), for a like-for-like headline.
-        "keras_pcl_256": lambda x, k, init: run_keras_pcl(x, k, init, points_per_centroid=256),
-        "faiss": run_faiss,
+        "keras_pcl_256": lambda x, k, init, seed: run_keras_pcl(x, k, init, points_per_centroid=256, seed=seed),
+        "faiss": lambda x, k, init, seed: run_faiss(x, k, init, seed=seed),
         # faiss' train() returns centroids only; keras_pcl's kmeans also returns every
         # point's assignment, which the E-step needs. This row adds faiss' search for it.
-        "faiss_assign": lambda x, k, init: run_faiss(x, k, init, assign=True),
-        "sklearn": run_sklearn,
+        "faiss_assign": lambda x, k, init, seed: run_faiss(x, k, init, assign=True, seed=seed),
+        "sklearn": lambda x, k, init, seed: run_sklearn(x, k, init, seed=seed),
     }
     methods = args.methods.split(",")
     rows = []
@@ -203,35 +210,44 @@ def main():
             init = x[np.random.default_rng(k).choice(n, k, replace=False)]
             for mode in args.modes.split(","):
                 fixed = init if mode == "fixed" else None
-                # One untimed call per method on the same data: tracing/compilation is not timed
-                # (the E-step traces once and reuses the graph every epoch).
+                # At defaults each library draws its own initial centroids, so one draw's
+                # objective is luck; --seeds averages it. Fixed mode shares one init.
+                seeds = range(args.seeds) if mode == "defaults" else [0]
+                times, objectives, iters = ({m: [] for m in methods} for _ in range(3))
+                last = {}
+                for seed in seeds:
+                    # One untimed call per method and seed on the same data: tracing/compilation
+                    # is not timed (the E-step traces once and reuses the graph every epoch).
+                    for method in methods:
+                        runners[method](x, k, fixed, seed)
+                    for _ in range(args.repeats):
+                        for method in methods:  # alternate methods within each repeat
+                            seconds, centroids, iterations = runners[method](x, k, fixed, seed)
+                            times[method].append(seconds)
+                            last[method] = centroids, iterations
+                    for method in methods:  # each seed's run is deterministic: score the last repeat
+                        objectives[method].append(objective(x, last[method][0]))
+                        iters[method].append(last[method][1])
+                stats = {m: dict(seconds=statistics.median(times[m]), objective=statistics.mean(objectives[m]))
+                         for m in methods}
+                faiss = stats.get("faiss")
                 for method in methods:
-                    runners[method](x, k, fixed)
-                times = {m: [] for m in methods}
-                centroids, iters = {}, {}
-                for _ in range(args.repeats):
-                    for method in methods:  # alternate methods within each repeat
-                        seconds, c, iterations = runners[method](x, k, fixed)
-                        times[method].append(seconds)
-                        centroids[method], iters[method] = c, iterations
-                reference = None
-                for method in methods:
-                    obj = objective(x, centroids[method])
-                    reference = reference or (obj if method == "faiss" else None)
-                    rows.append(dict(n=n, k=k, mode=mode, method=method, seconds=statistics.median(times[method]),
-                                     iterations=iters[method],
-                                     all_seconds=[round(t, 3) for t in times[method]], objective=obj))
-                faiss_row = next((r for r in rows[-len(methods):] if r["method"] == "faiss"), None)
-                for row in rows[-len(methods):]:
-                    if faiss_row:
-                        row["time_vs_faiss"] = row["seconds"] / faiss_row["seconds"]
-                        row["objective_vs_faiss"] = (row["objective"] / faiss_row["objective"] - 1
-                                                     if faiss_row["objective"] else 0.0)
+                    obj = stats[method]["objective"]
+                    row = dict(n=n, k=k, mode=mode, method=method, seconds=stats[method]["seconds"],
+                               iterations=statistics.median(iters[method]), seeds=len(seeds),
+                               all_seconds=[round(t, 3) for t in times[method]], objective=obj,
+                               all_objectives=[round(o, 2) for o in objectives[method]])
+                    spread = (max(objectives[method]) - min(objectives[method])) / obj
+                    if faiss:
+                        row["time_vs_faiss"] = row["seconds"] / faiss["seconds"]
+                        row["objective_vs_faiss"] = obj / faiss["objective"] - 1 if faiss["objective"] else 0.0
+                    rows.append(row)
                     print(f"N={n:>6} K={k:>5} {mode:<8} {row['method']:<14} {row['seconds']:>8.3f} s  "
-                          f"{row['iterations']:>3} it ({1000 * row['seconds'] / max(row['iterations'], 1):6.0f} ms/it)  "
-                          f"objective {row['objective']:.1f}"
+                          f"{row['iterations']:>4g} it ({1000 * row['seconds'] / max(row['iterations'], 1):6.0f} ms/it)  "
+                          f"objective {obj:.1f}"
+                          + (f" (mean of {len(seeds)} seeds, spread {100 * spread:.2f}%)" if len(seeds) > 1 else "")
                           + (f"  time/faiss {row['time_vs_faiss']:.2f}x  objective vs faiss "
-                             f"{100 * row['objective_vs_faiss']:+.2f}%" if faiss_row else ""), flush=True)
+                             f"{100 * row['objective_vs_faiss']:+.2f}%" if faiss else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
