@@ -1,9 +1,11 @@
 """One worker of the MultiWorkerMirroredStrategy test (run by tests/test_multiworker.py).
 
 Usage: TF_CONFIG=... python multiworker_worker.py OUT.npz [CHECKPOINTS EPOCHS]
-Trains PCL on digits for 2 epochs (warm-up 1, so one E-step) and saves the
-queue, prototypes and key-encoder weights this worker holds. With CHECKPOINTS,
-checkpoints every epoch there, resumes from it, and trains up to EPOCHS.
+Trains PCL with a feature bank on digits for 3 epochs (warm-up 1: the first
+E-step embeds the images, the second clusters the bank of training keys) and
+saves the queue, prototypes, bank and key-encoder weights this worker holds.
+With CHECKPOINTS, checkpoints every epoch there, resumes from it, and trains
+up to EPOCHS.
 """
 
 import os
@@ -33,10 +35,10 @@ keras.utils.set_random_seed(3)
 with strategy.scope():
     model = keras_pcl.PCL(backbones.small_cnn((8, 8, 1), width=8, norm="none"), backbones.mlp_head(16, 32),
                           num_samples=len(images), num_clusters=(5, 8), warmup_epochs=1, queue_size=128,
-                          momentum=0.9, shuffle_keys=False)
+                          momentum=0.9, shuffle_keys=False, use_feature_bank=True)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     update = keras_pcl.PrototypeUpdate(estep, verbose=0)
-fit_callbacks, epochs, initial_epoch = [update], 2, 0
+fit_callbacks, epochs, initial_epoch = [update], 3, 0
 if len(sys.argv) > 2:
     checkpoint = keras_pcl.callbacks.TrainingCheckpoint(sys.argv[2])
     initial_epoch, epochs = checkpoint.restore(model), int(sys.argv[3])
@@ -44,6 +46,7 @@ if len(sys.argv) > 2:
     print(f"starting at epoch {initial_epoch}", flush=True)
 history = model.fit(train, epochs=epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0).history
 np.savez(sys.argv[1], queue=model.queue.numpy(), pointer=model.queue_pointer.numpy(),
+         bank=model.feature_bank.numpy(),
          assignments=model.assignments.numpy(), proto_nce=np.array(history["proto_nce"], np.float64),
          **{f"prototypes_{m}": p.numpy() for m, p in enumerate(model.prototypes)},
          **{f"key_{i}": w.numpy() for i, w in enumerate(model.key_backbone.weights + model.key_head.weights)})

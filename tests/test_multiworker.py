@@ -54,9 +54,12 @@ def test_two_workers_hold_identical_queue_prototypes_and_key_encoder(tmp_path):
     assert sorted(first.files) == sorted(second.files)
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
-    assert int(first["pointer"]) == 0  # 4 global steps of 64 keys: 256 = 2 x queue
-    assert first["proto_nce"][0] == 0.0 and first["proto_nce"][1] > 0.0
+    assert int(first["pointer"]) == 0  # 12 global steps of 64 keys: 768 = 6 x queue
+    assert first["proto_nce"][0] == 0.0 and (first["proto_nce"][1:] > 0.0).all()
     assert len(np.unique(first["assignments"][1])) > 1
+    # The last global step (images 192..255, half from each worker) enqueued its keys
+    # at queue rows 64..127; the bank holds the same keys at those images' rows.
+    np.testing.assert_array_equal(first["bank"][192:], first["queue"][64:])
 
 
 def test_a_killed_worker_stops_the_job_and_both_resume_from_the_checkpoint(tmp_path):

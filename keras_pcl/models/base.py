@@ -33,7 +33,10 @@ def gather_across_replicas(tensor):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return tensor
-    return context.all_gather(tensor, axis=0)
+    # MultiWorkerMirroredStrategy gathers "to" the tensor's device and refuses an
+    # unplaced one, as inputs straight from the dataset (the sample indices) are;
+    # an identity op takes the replica's device.
+    return context.all_gather(tf.identity(tensor), axis=0)
 
 
 def _tf_variable(variable):
