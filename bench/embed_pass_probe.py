@@ -12,13 +12,12 @@ Prints one line per variant and round: wall seconds of the whole pass.
 
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-import keras_pcl
-from keras_pcl import backbones, callbacks, data
+from fashion_pcl_v2 import fashion_mnist_pcl_v2
+from keras_pcl import callbacks, data
 
 flags.DEFINE_integer("rounds", 2, "Rounds over all variants.")
 flags.DEFINE_integer("images", 50000, "Training images embedded per pass.")
@@ -27,11 +26,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    images = data.load_dataset("fashion_mnist").train_images[:FLAGS.images]
-    model = keras_pcl.PCL(backbones.small_resnet((28, 28, 1), width=32, norm="split", num_splits=8),
-                          backbones.mlp_head(128, 512), num_samples=len(images), num_clusters=(50,),
-                          queue_size=4096)
+    images, model = fashion_mnist_pcl_v2(FLAGS.images)
     step = callbacks.embedding_step(model.embed_keys)
     eval_ds = data.eval_dataset(images, 512, 28)  # what run.py hands the E-step
     plain = (tf.data.Dataset.from_tensor_slices((images, np.arange(len(images), dtype=np.int32)))
