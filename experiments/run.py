@@ -345,10 +345,8 @@ def main(argv):
     started = time.time()
     if initial_epoch < FLAGS.epochs:
         try:
-            # shuffle=False: train_ds reshuffles itself per epoch (reproducibly); Keras
-            # would otherwise warn that its default shuffle=True is ignored for a Dataset.
             model.fit(train_ds, epochs=FLAGS.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                      shuffle=False, callbacks=fit_callbacks,
+                      callbacks=fit_callbacks,
                       verbose=1 if sys.stdout.isatty() else 2)
         except callbacks.NonFiniteLossError as error:
             raise TrainingDiverged(str(error)) from None

@@ -89,6 +89,16 @@ def test_momentum_update_is_an_ema(digits):
         np.testing.assert_allclose(k1, 0.75 * k0 + 0.25 * q1, rtol=1e-5, atol=1e-7)
 
 
+def test_fit_on_a_dataset_does_not_warn_about_shuffle(digits):
+    """Keras 3.15 warns that fit's default shuffle=True is ignored for a Dataset; the models default it off."""
+    model = tiny_moco(queue_size=64)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(fixed_views(digits[0][:64]), epochs=1, verbose=0)
+    assert not [str(w.message) for w in caught if "shuffle" in str(w.message)]
+
+
 def test_keys_are_enqueued_after_each_step(digits):
     model = tiny_moco(queue_size=64, shuffle_keys=False)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # weights stay fixed: keys are predictable

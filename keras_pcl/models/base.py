@@ -161,6 +161,10 @@ class ContrastiveModel(keras.Model):
         """`keras.Model.fit`. Under MultiWorkerMirroredStrategy, a worker that dies
         makes the others raise `WorkerLostError` (one line, naming the lost task)
         instead of a TensorFlow graph-execution traceback."""
+        if isinstance(args[0] if args else kwargs.get("x"), tf.data.Dataset):
+            # A Dataset shuffles itself (contrastive_dataset does); Keras 3.15 warns on
+            # every fit that its default shuffle=True is ignored for one.
+            kwargs.setdefault("shuffle", False)
         try:
             return super().fit(*args, **kwargs)
         except _PEER_ERRORS as error:
