@@ -35,6 +35,7 @@ one call adds, tracing included. The data itself is N x d x 4 bytes.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -78,7 +79,7 @@ def objective(x, centroids):
 def run_keras_pcl(x, k, fixed_init=None, jit=False, points_per_centroid=None, seed=0):
     from keras_pcl import clustering
 
-    options = dict(seed=seed, jit_compile=True) if jit else dict(seed=seed)
+    options = dict(seed=seed, jit_compile=True if jit else "auto")
     if points_per_centroid:
         options.update(max_points_per_centroid=points_per_centroid)
     if fixed_init is not None:
@@ -117,6 +118,20 @@ def run_sklearn(x, k, fixed_init=None, seed=0):
     return time.perf_counter() - start, km.cluster_centers_.astype(np.float32), int(km.n_iter_)
 
 
+RUNNERS = {  # each called as runner(x, k, fixed_init=None, seed=0)
+    "keras_pcl": run_keras_pcl,
+    "keras_pcl_xla": functools.partial(run_keras_pcl, jit=True),
+    # keras_pcl's default is the PCL reference's 1000 training points per centroid;
+    # this row samples like faiss.Kmeans' default (256), for a like-for-like headline.
+    "keras_pcl_256": functools.partial(run_keras_pcl, points_per_centroid=256),
+    "faiss": run_faiss,
+    # faiss' train() returns centroids only; keras_pcl's kmeans also returns every
+    # point's assignment, which the E-step needs. This row adds faiss' search for it.
+    "faiss_assign": functools.partial(run_faiss, assign=True),
+    "sklearn": run_sklearn,
+}
+
+
 def resident_mib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
@@ -130,14 +145,12 @@ def memory_child(spec):
         import tensorflow  # noqa: F401  (imported before the baseline, like the data)
         from keras_pcl import clustering  # noqa: F401
     x = mixture(n, d, 2000, seed=n)
-    runner = {"keras_pcl": lambda: run_keras_pcl(x, k), "keras_pcl_xla": lambda: run_keras_pcl(x, k, jit=True),
-              "faiss": lambda: run_faiss(x, k), "sklearn": lambda: run_sklearn(x, k)}[method]
-    if method == "faiss":
+    if method.startswith("faiss"):
         import faiss  # noqa: F401
     if method == "sklearn":
         import sklearn.cluster  # noqa: F401
     before = resident_mib("VmRSS")
-    seconds = runner()[0]
+    seconds = RUNNERS[method](x, k)[0]
     print(f"{resident_mib('VmHWM') - before:.0f} {seconds:.2f}")
 
 
@@ -187,18 +200,6 @@ def main():
     print(f"# {cpu_model()}, {os.cpu_count()} cores, TF {tf.__version__}, keras_pcl default path: "
           f"jit={clustering.resolve_jit_compile('auto')} (on CPU XLA for K <= 128 over >= 20k points), "
           f"graph-mode matmul={clustering.resolve_matmul_dtype('auto', False).name}")
-    runners = {
-        "keras_pcl": lambda x, k, init, seed: run_keras_pcl(x, k, init, seed=seed),
-        "keras_pcl_xla": lambda x, k, init, seed: run_keras_pcl(x, k, init, jit=True, seed=seed),
-        # keras_pcl's default is the PCL reference's 1000 training points per centroid;
-        # this row samples like faiss.Kmeans' default (256), for a like-for-like headline.
-        "keras_pcl_256": lambda x, k, init, seed: run_keras_pcl(x, k, init, points_per_centroid=256, seed=seed),
-        "faiss": lambda x, k, init, seed: run_faiss(x, k, init, seed=seed),
-        # faiss' train() returns centroids only; keras_pcl's kmeans also returns every
-        # point's assignment, which the E-step needs. This row adds faiss' search for it.
-        "faiss_assign": lambda x, k, init, seed: run_faiss(x, k, init, assign=True, seed=seed),
-        "sklearn": lambda x, k, init, seed: run_sklearn(x, k, init, seed=seed),
-    }
     methods = args.methods.split(",")
     rows = []
     for n in (int(v) for v in args.n.split(",")):
@@ -219,10 +220,10 @@ def main():
                     # One untimed call per method and seed on the same data: tracing/compilation
                     # is not timed (the E-step traces once and reuses the graph every epoch).
                     for method in methods:
-                        runners[method](x, k, fixed, seed)
+                        RUNNERS[method](x, k, fixed, seed=seed)
                     for _ in range(args.repeats):
                         for method in methods:  # alternate methods within each repeat
-                            seconds, centroids, iterations = runners[method](x, k, fixed, seed)
+                            seconds, centroids, iterations = RUNNERS[method](x, k, fixed, seed=seed)
                             times[method].append(seconds)
                             last[method] = centroids, iterations
                     for method in methods:  # each seed's run is deterministic: score the last repeat
