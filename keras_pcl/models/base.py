@@ -102,13 +102,36 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
                 tf.errors.AbortedError)
 
 
-def _worker_lost(error):
+_TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
+# Where TensorFlow's error names the lost peer, most specific first: the coordination
+# service's list of tasks that stopped sending heartbeats, the task an error was
+# reported from, the remote end of a failed RPC. The text also names this worker's own
+# task (e.g. as the coordination service's host), so that one is skipped.
+_PEER_CONTEXTS = (re.compile(r"stopped sending heartbeats\):([\s\S]{0,400})"),
+                  re.compile(r"[Ee]rror reported from (\S+)"),
+                  re.compile(r"remote target (\S+)"),
+                  re.compile(r"([\s\S]+)"))
+
+
+def _lost_peer(text, own_task):
+    for context in _PEER_CONTEXTS:
+        for match in context.finditer(text):
+            for task in _TASK.finditer(match.group(1)):
+                if (task.group(1), int(task.group(2))) != own_task:
+                    return f"/job:{task.group(1)}/task:{task.group(2)}"
+    return "another worker"
+
+
+def _worker_lost(error, own_task=None):
+    """`own_task`: this worker's `(task_type, task_id)`, never named as the lost one."""
     text = str(error)
-    peer = re.search(r"/job:\w+/replica:\d+/task:\d+", text)
-    aborted = re.search(r"aborted by: (.*)", text)
-    reason = aborted.group(1).strip() if aborted else type(error).__name__
+    if "stopped sending heartbeats" in text:
+        reason = "it stopped sending heartbeats"
+    else:
+        aborted = re.search(r"aborted by: (.*)", text)
+        reason = aborted.group(1).strip() if aborted else type(error).__name__
     return WorkerLostError(
-        f"lost contact with {peer.group(0) if peer else 'another worker'} of the multi-worker job "
+        f"lost contact with {_lost_peer(text, own_task)} of the multi-worker job "
         f"({reason[:160]}); all workers stop here. Restart every worker with the same command to resume "
         "from the newest checkpoint.")
 
@@ -171,7 +194,8 @@ class ContrastiveModel(keras.Model):
             with self.distribute_strategy.scope():
                 if not _multi_worker():
                     raise
-            raise _worker_lost(error) from None
+            resolver = self.distribute_strategy.cluster_resolver
+            raise _worker_lost(error, (resolver.task_type, int(resolver.task_id))) from None
 
     def forward(self, views, index, training):
         raise NotImplementedError
