@@ -123,8 +123,11 @@ class PrototypeUpdate(keras.callbacks.Callback):
         seed: k-means seed; granularity m uses `seed + m` (as the reference).
         verbose: 1 prints progress and a one-line summary per E-step.
 
-    After each E-step `self.stats` holds, per granularity, cluster-size and
-    phi statistics; they are also added to the epoch logs (TensorBoard).
+    After each E-step `self.stats` holds its timings (`estep_embed_seconds`,
+    `estep_cluster_seconds`) and, per granularity, cluster-size and phi
+    statistics; they are also added to the epoch logs (TensorBoard). On later
+    epochs without an E-step the timings read 0 and the statistics are those of
+    the prototypes still in use.
 
     Example:
     >>> update = PrototypeUpdate(keras_pcl.data.eval_dataset(images))
@@ -164,6 +167,10 @@ class PrototypeUpdate(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.should_run(epoch):
             self.run_estep()
+        elif self.stats:
+            # No E-step this epoch: it took no time (an epoch's logs must not repeat the
+            # last E-step's timers); the cluster statistics still describe the prototypes in use.
+            self.stats.update(estep_embed_seconds=0.0, estep_cluster_seconds=0.0)
 
     def run_estep(self):
         """Embeds, clusters and updates the model now; returns the per-granularity results."""

@@ -158,6 +158,17 @@ def test_pcl_warmup_then_protonce(digits):
         assert model.assignments.numpy().max() < max(model.num_clusters)
 
 
+def test_epochs_without_an_estep_log_zero_estep_time(digits):
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), num_clusters=(4,), warmup_epochs=0)
+    model.compile(optimizer="sgd")
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), every_n_epochs=2, verbose=0)
+    history = model.fit(fixed_views(images), epochs=3, callbacks=[update], verbose=0).history
+    assert history["estep_cluster_seconds"][0] > 0 and history["estep_cluster_seconds"][2] > 0
+    assert history["estep_embed_seconds"][1] == 0.0 and history["estep_cluster_seconds"][1] == 0.0
+    assert history["k4_largest_cluster"][1] == history["k4_largest_cluster"][0]  # prototypes of epoch 0
+
+
 def test_protonce_matches_the_loss_function(digits):
     """The model's ProtoNCE term equals losses.proto_nce on its own state."""
     images = digits[0][:64]
