@@ -34,11 +34,17 @@ def epoch_end_times(run_dir):
 def share(run_dir):
     with open(os.path.join(run_dir, "history.json")) as f:
         history = json.load(f)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
     ends = epoch_end_times(run_dir)
+    # The E-step epochs, from the run's flags: runs made before the E-step timers read 0 on
+    # epochs without one logged the last E-step's timers again there.
+    warmup, every = config["warmup_epochs"], config.get("estep_every", 1)
     rows = []
     for epoch, (embed, cluster) in enumerate(zip(history.get("estep_embed_seconds", []),
                                                  history.get("estep_cluster_seconds", []))):
-        if embed is None or epoch not in ends or epoch - 1 not in ends:
+        ran = epoch >= warmup and (epoch - warmup) % every == 0
+        if not ran or embed is None or epoch not in ends or epoch - 1 not in ends:
             continue
         rows.append((epoch, embed, cluster, ends[epoch] - ends[epoch - 1]))
     if not rows:
