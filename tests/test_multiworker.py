@@ -62,9 +62,9 @@ def test_two_workers_hold_identical_queue_prototypes_and_key_encoder(tmp_path):
     np.testing.assert_array_equal(first["bank"][192:], first["queue"][64:])
 
 
-def test_a_killed_worker_stops_the_job_and_both_resume_from_the_checkpoint(tmp_path):
-    import tensorflow as tf
-
+def kill_one_worker_mid_run(tmp_path, victim):
+    """Starts two workers and SIGKILLs worker `victim` once the chief has checkpointed;
+    the other must stop with a WorkerLostError naming it. Returns the checkpoint folder."""
     checkpoints = tmp_path / "checkpoints"
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     processes = start_workers(cluster, tmp_path, str(checkpoints), "500")  # far more epochs than it will live
@@ -73,12 +73,28 @@ def test_a_killed_worker_stops_the_job_and_both_resume_from_the_checkpoint(tmp_p
         assert time.time() < deadline and all(p.poll() is None for p in processes), finish(processes, 5)
         time.sleep(0.05)
     time.sleep(1.0)  # a few more epochs: the kill lands mid-run
-    processes[1].send_signal(signal.SIGKILL)
-    survivor = finish(processes[:1], timeout=120)[0]  # a hang would time out here
-    processes[1].wait()
-    assert processes[0].returncode not in (0, None)
-    lines = [line for line in survivor.splitlines() if "WorkerLostError" in line]
-    assert lines and "lost contact with /job:worker/task:1 " in lines[-1], survivor[-3000:]
+    processes[victim].send_signal(signal.SIGKILL)
+    survivor = processes[1 - victim]
+    output = finish([survivor], timeout=120)[0]  # a hang would time out here
+    processes[victim].wait()
+    assert survivor.returncode not in (0, None)
+    lines = [line for line in output.splitlines() if "WorkerLostError" in line]
+    assert lines and f"lost contact with /job:worker/task:{victim} " in lines[-1], output[-3000:]
+    return checkpoints
+
+
+def test_a_killed_chief_stops_the_other_worker_and_leaves_a_whole_checkpoint(tmp_path):
+    import tensorflow as tf
+
+    checkpoints = kill_one_worker_mid_run(tmp_path, victim=0)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(checkpoints)))
+    assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) >= 1
+
+
+def test_a_killed_worker_stops_the_job_and_both_resume_from_the_checkpoint(tmp_path):
+    import tensorflow as tf
+
+    checkpoints = kill_one_worker_mid_run(tmp_path, victim=1)
 
     # The chief's newest checkpoint is complete; both workers restart from it.
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(checkpoints)))
