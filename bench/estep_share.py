@@ -60,11 +60,13 @@ def share(run_dir):
     epoch = median([r[3] for r in rest])
     print(f"  later E-steps (median of {len(rest)}): embed {median([r[1] for r in rest]):.1f} s + k-means/phi "
           f"{median([r[2] for r in rest]):.1f} s = {estep:.1f} s of a {epoch:.1f} s epoch = {100 * estep / epoch:.1f} %")
-    if not without_estep:
+    if without_estep:
+        print(f"  epochs without E-step (median of {len(without_estep)}): {median(without_estep):.1f} s")
+    if every == 1:
         return estep / epoch
-    print(f"  epochs without E-step (median of {len(without_estep)}): {median(without_estep):.1f} s")
     # With E-steps every n > 1 epochs the per-E-step share overstates the cost: the share
-    # of the training time from the second E-step on is the one a run pays.
+    # of the training time from the second E-step on is the one a run pays (a sum, so a run
+    # paused or resumed in that span reads wrong; the medians above do not).
     estep_seconds = {r[0]: r[1] + r[2] for r in rest}
     span = [e for e in ends if e - 1 in ends and e >= rest[0][0]]
     total = sum(ends[e] - ends[e - 1] for e in span)
