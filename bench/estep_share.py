@@ -67,12 +67,12 @@ def share(run_dir):
     # With E-steps every n > 1 epochs the per-E-step share overstates the cost: the share
     # of the training time from the second E-step on is the one a run pays (a sum, so a run
     # paused or resumed in that span reads wrong; the medians above do not).
-    estep_seconds = {r[0]: r[1] + r[2] for r in rest}
+    estep_total = sum(r[1] + r[2] for r in rest)
     span = [e for e in ends if e - 1 in ends and e >= rest[0][0]]
     total = sum(ends[e] - ends[e - 1] for e in span)
-    print(f"  epochs {min(span)}-{max(span)} together: E-steps {sum(estep_seconds.values()):.1f} s "
-          f"of {total:.1f} s = {100 * sum(estep_seconds.values()) / total:.1f} %")
-    return sum(estep_seconds.values()) / total
+    print(f"  epochs {min(span)}-{max(span)} together: E-steps {estep_total:.1f} s "
+          f"of {total:.1f} s = {100 * estep_total / total:.1f} %")
+    return estep_total / total
 
 
 def main():

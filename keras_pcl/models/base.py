@@ -105,8 +105,8 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
 _TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
 # Where TensorFlow's error names the lost peer, most specific first: the coordination
 # service's list of tasks that stopped sending heartbeats, the task an error was
-# reported from, the remote end of a failed RPC. The text may name this worker's own
-# task too (a CI run's did, before the lost one), so that one is skipped.
+# reported from, the remote end of a failed RPC; then anywhere in the text. The text may
+# name this worker's own task too (a CI run's did, before the lost one), so that one is skipped.
 _PEER_CONTEXTS = (re.compile(r"stopped sending heartbeats\):([\s\S]{0,400})"),
                   re.compile(r"[Ee]rror reported from (\S+)"),
                   re.compile(r"remote target (\S+)"),
