@@ -57,6 +57,8 @@ flags.DEFINE_integer("queue_size", 16384, "Negative keys in the queue; a multipl
 flags.DEFINE_boolean("symmetric", False, "Use both views as queries.")
 flags.DEFINE_list("num_clusters", ["25000", "50000", "100000"], "PCL: clusters per granularity.")
 flags.DEFINE_integer("warmup_epochs", 20, "PCL: epochs of InfoNCE only before the first E-step.")
+flags.DEFINE_float("prototype_temperature", 0.0,
+                   "PCL: the mean of phi, ProtoNCE's temperature (0: the same as --temperature, as the reference).")
 flags.DEFINE_integer("num_negative_prototypes", 0, "PCL: sampled negatives per step (0: exact softmax).")
 flags.DEFINE_boolean("feature_bank", False,
                      "PCL: after the first E-step, cluster a bank of each image's latest training key "
@@ -130,8 +132,9 @@ def check_output_dir(config):
     if os.path.exists(path) and not FLAGS.overwrite:
         with open(path) as f:
             previous = json.load(f)
-        changed = sorted(k for k in set(previous) | set(config)
-                         if k not in RESUMABLE and previous.get(k) != config.get(k))
+        # A flag added after the run started counts as its default there.
+        changed = sorted(k for k in set(previous) | set(config) if k not in RESUMABLE
+                         and previous.get(k, FLAGS[k].default if k in FLAGS else None) != config.get(k))
         if changed:
             raise UsageError(
                 f"--output_dir {out} holds a run with a different config (differs in: {', '.join(changed)}); "
@@ -164,6 +167,9 @@ def parse_flags():
         raise UsageError(f"--learning_rate must be > 0, got {FLAGS.learning_rate}.")
     if FLAGS.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {FLAGS.temperature}.")
+    if FLAGS.prototype_temperature < 0:
+        raise UsageError(f"--prototype_temperature must be > 0, or 0 to use --temperature; got "
+                         f"{FLAGS.prototype_temperature}.")
     if not 0 <= FLAGS.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
     if FLAGS.queue_size % FLAGS.batch_size:
@@ -215,7 +221,8 @@ def build_model(keras_pcl, keras, split, image_size, clusters):
     return keras_pcl.PCL(backbone, head, num_samples=len(split.train_images), num_clusters=clusters,
                          warmup_epochs=FLAGS.warmup_epochs,
                          num_negative_prototypes=FLAGS.num_negative_prototypes or None,
-                         use_feature_bank=FLAGS.feature_bank, **common)
+                         use_feature_bank=FLAGS.feature_bank,
+                         prototype_temperature=FLAGS.prototype_temperature or None, **common)
 
 
 def format_table(rows):

@@ -154,7 +154,7 @@ class PrototypeUpdate(keras.callbacks.Callback):
 
         def estep(features):
             return clustering.prototype_estep(
-                features, model.num_clusters, temperature=model.temperature, alpha=self.alpha,
+                features, model.num_clusters, temperature=model.phi_mean, alpha=self.alpha,
                 seed=self.seed, jit_compile=self.jit_compile, **self.kmeans_options,
             )
 

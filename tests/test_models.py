@@ -67,6 +67,7 @@ def test_moco_rejects_bad_arguments(kwargs, message):
     (dict(num_clusters=(5, 1000)), "between 2 and the number of samples"),
     (dict(num_clusters=()), "at least one"), (dict(warmup_epochs=-1), "warmup_epochs"),
     (dict(num_negative_prototypes=0), "num_negative_prototypes"),
+    (dict(prototype_temperature=0.0), "prototype_temperature"),
 ])
 def test_pcl_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -183,6 +184,19 @@ def test_protonce_matches_the_loss_function(digits):
     want = np.mean([keras_pcl.losses.proto_nce(outputs["query"], p, phi, tf.gather(model.assignments[m], index))
                     for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))], axis=0)
     np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prototype_temperature", [None, 0.05])
+def test_prototype_temperature_sets_the_mean_of_phi_alone(digits, prototype_temperature):
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), warmup_epochs=0, temperature=0.3, prototype_temperature=prototype_temperature)
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(model)
+    update.run_estep()
+    want = 0.3 if prototype_temperature is None else prototype_temperature  # None: the reference's tie
+    for phi in model.concentrations:
+        assert phi.numpy().mean() == pytest.approx(want, rel=1e-4)
+    assert model.temperature == 0.3
 
 
 def test_pcl_fit_without_the_estep_fails_clearly(digits):
@@ -309,7 +323,8 @@ def test_two_replicas_match_one(digits, tmp_path):
             np.testing.assert_array_equal(copy.numpy(), np.asarray(saved.value.values[0]), err_msg=loaded.path)
 
 
-@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True)])
+@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True,
+                                                                prototype_temperature=0.1)])
 def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     model = build()
     model.compile(optimizer=keras.optimizers.SGD(0.1))

@@ -81,6 +81,10 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
             "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
     runner.execute(base + ["--epochs=2"])
     capsys.readouterr()
+    # A run started before a flag existed resumes: the missing flag counts as its default.
+    config = json.loads((out / "config.json").read_text())
+    del config["prototype_temperature"]
+    (out / "config.json").write_text(json.dumps(config))
     runner.execute(base + ["--epochs=3"])
     assert f"resuming {out} at epoch 2" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
@@ -113,6 +117,7 @@ BAD_INPUTS = [
     ("queue not a multiple", ["--queue_size=1000"], "--queue_size 1000 is not a multiple of --batch_size 128; use e.g. 1024."),
     ("zero temperature", ["--temperature=0"], "--temperature must be > 0"),
     ("negative temperature", ["--temperature=-0.1"], "--temperature must be > 0"),
+    ("negative prototype temperature", ["--prototype_temperature=-0.1"], "--prototype_temperature must be > 0"),
     ("momentum of 1", ["--momentum=1.0"], "--momentum must be in [0, 1)"),
     ("images with NaN", ["--dataset=npz:{tmp}/nan.npz"], "NaN or Inf"),
     ("output dir is a file", ["--output_dir={tmp}/a_file"], "is a file"),

@@ -42,6 +42,10 @@ class PCL(MoCo):
             augmented views and from the encoder as it was when each sample was
             last seen (up to an epoch old), not from the reference's fresh
             unaugmented pass. `N x d` floats per replica.
+        prototype_temperature: the mean of phi, which sets how sharp ProtoNCE's
+            softmax is. None (the reference) uses the InfoNCE `temperature`;
+            a float > 0 decouples the two, so the prototype term can be made
+            sharper or softer without changing the instance term.
         **kwargs: `MoCo` arguments (queue_size, momentum, temperature, ...).
 
     Example:
@@ -58,7 +62,8 @@ class PCL(MoCo):
     metric_names = ("instance_acc", "proto_acc")
 
     def __init__(self, backbone, head, num_samples, num_clusters=(250, 500, 1000), warmup_epochs=10,
-                 num_negative_prototypes=None, use_feature_bank=False, **kwargs):
+                 num_negative_prototypes=None, use_feature_bank=False, prototype_temperature=None,
+                 **kwargs):
         super().__init__(backbone, head, **kwargs)
         num_clusters = tuple(int(k) for k in (
             num_clusters if isinstance(num_clusters, (list, tuple)) else [num_clusters]))
@@ -78,7 +83,14 @@ class PCL(MoCo):
             raise ValueError(
                 f"num_negative_prototypes must be None (exact) or >= 1, got {num_negative_prototypes}."
             )
+        if prototype_temperature is not None and not float(prototype_temperature) > 0:
+            raise ValueError(
+                f"prototype_temperature must be None (use temperature) or > 0, got {prototype_temperature}."
+            )
         self.num_samples, self.num_clusters = int(num_samples), num_clusters
+        self.prototype_temperature = (
+            None if prototype_temperature is None else float(prototype_temperature)
+        )
         self.warmup_epochs = int(warmup_epochs)
         self.num_negative_prototypes = (
             None if num_negative_prototypes is None else int(num_negative_prototypes)
@@ -111,6 +123,11 @@ class PCL(MoCo):
     def concentrations(self):
         """Per granularity, the `[K_m]` concentration (phi) variable."""
         return [getattr(self, f"concentration_{m}") for m in range(len(self.num_clusters))]
+
+    @property
+    def phi_mean(self):
+        """The mean the E-step scales phi to: `prototype_temperature` or `temperature`."""
+        return self.temperature if self.prototype_temperature is None else self.prototype_temperature
 
     def set_prototypes(self, results):
         """Writes the E-step's output into the model (from outside `fit`'s step).
@@ -186,5 +203,6 @@ class PCL(MoCo):
         config.update(num_samples=self.num_samples, num_clusters=list(self.num_clusters),
                       warmup_epochs=self.warmup_epochs,
                       num_negative_prototypes=self.num_negative_prototypes,
-                      use_feature_bank=self.use_feature_bank)
+                      use_feature_bank=self.use_feature_bank,
+                      prototype_temperature=self.prototype_temperature)
         return config
