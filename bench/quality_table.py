@@ -9,7 +9,9 @@ raw-pixel rows are evaluated here with the same protocols (keras_pcl.evaluation)
     apt-get install -y dataset-fashion-mnist
     python bench/quality_table.py --epochs=12 --seeds=0,1 --out=runs/quality
 
-Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column.
+Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column;
+"train min" is the mean over seeds of each run's training time, E-steps included, summed
+over all of its invocations (results.json's `train_seconds`).
 """
 
 import json
@@ -132,7 +134,7 @@ def main(argv):
                     result = json.load(f)
                 entry = results.setdefault(row, {"scores": [], "seconds": []})
                 entry["scores"].append(result["evaluation"]["encoder"])
-                entry["seconds"].append(result["train_seconds_this_invocation"])
+                entry["seconds"].append(result.get("train_seconds") or result["train_seconds_this_invocation"])
         for name, scores in baseline_rows(seed).items():
             results.setdefault(name, {"scores": [], "seconds": []})["scores"].append(scores)
     evaluated_on = (f"{FLAGS.holdout} held-out training images (run.py --holdout)" if FLAGS.holdout

@@ -320,14 +320,23 @@ def main(argv):
         fit_callbacks.append(evaluation.KNNMonitor(split.train_images, split.train_labels, split.test_images,
                                                    split.test_labels, FLAGS.knn_every, FLAGS.knn_k,
                                                    image_size=image_size))
-    class LogLearningRate(keras.callbacks.Callback):
-        """Puts the current learning rate into the epoch logs (TensorBoard, history.json)."""
+    class LogEpochStats(keras.callbacks.Callback):
+        """Puts the learning rate and `epoch_seconds` into the epoch logs (TensorBoard, history.json).
+
+        `epoch_seconds`: wall time from the epoch's start (the E-step included)
+        to its last step; the checkpoint and kNN monitor that follow are not in it.
+        """
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is not None:
                 logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                logs["epoch_seconds"] = time.time() - self.started
 
-    fit_callbacks.append(LogLearningRate())
+    # First, so that its clock starts before the E-step's on_epoch_begin.
+    fit_callbacks.insert(0, LogEpochStats())
     fit_callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False))
     history = {}
     history_path = os.path.join(out, "history.json")
@@ -375,7 +384,10 @@ def main(argv):
                                                       seed=FLAGS.seed)
         print(format_table(rows))
     results = {"dataset": split.name, "holdout": FLAGS.holdout, "method": FLAGS.method, "epochs": FLAGS.epochs,
-               "train_seconds_this_invocation": round(train_seconds, 1), "evaluation": rows,
+               "train_seconds_this_invocation": round(train_seconds, 1),
+               # Over every invocation of a resumed run (history.json keeps each epoch's time).
+               "train_seconds": round(sum(t for t in history.get("epoch_seconds", []) if t is not None), 1),
+               "evaluation": rows,
                "final_logs": {k: v[-1] for k, v in history.items() if v and k != "epoch"}}
     if FLAGS.method == "pcl" and estep.stats:
         results["last_estep"] = estep.stats

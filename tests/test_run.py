@@ -37,6 +37,11 @@ def test_quickstart_writes_every_output(quickstart_run):
     assert results["evaluation"]["encoder"]["linear_top1"] > 0.5  # far above chance (0.1)
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
+    # Training time adds up over both invocations.
+    assert all(t > 0 for t in history["epoch_seconds"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_seconds"] == pytest.approx(sum(history["epoch_seconds"]), abs=0.06)
+    assert results["train_seconds"] > results["train_seconds_this_invocation"]  # epochs 1-2 counted too
     assert history["learning_rate"][0] > history["learning_rate"][1] > history["learning_rate"][2] >= 0  # cosine
     assert history["estep_cluster_seconds"][1] > 0
     assert history["proto_nce"][0] == 0.0 and history["proto_nce"][1] > 0.0
@@ -89,6 +94,11 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
     assert f"resuming {out} at epoch 2" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
+    # Training time adds up over both invocations.
+    assert all(t > 0 for t in history["epoch_seconds"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_seconds"] == pytest.approx(sum(history["epoch_seconds"]), abs=0.06)
+    assert results["train_seconds"] > results["train_seconds_this_invocation"]  # epochs 1-2 counted too
     config_before = (out / "config.json").read_text()
     with pytest.raises(SystemExit) as exit_info:
         runner.execute(base + ["--epochs=3", "--temperature=0.3"])
