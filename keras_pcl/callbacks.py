@@ -1,6 +1,5 @@
 """Callbacks: `PrototypeUpdate`, PCL's E-step."""
 
-import json
 import os
 import shutil
 import sys
@@ -11,23 +10,6 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import clustering
-
-
-def _tf_config():
-    try:
-        return json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except ValueError:
-        return {}
-
-
-def _worker_task():
-    """`(task_type, task_id)` of this process in a TF_CONFIG cluster, `(None, None)` alone."""
-    task = _tf_config().get("task", {})
-    return task.get("type"), task.get("index")
-
-
-def _has_chief():
-    return bool(_tf_config().get("cluster", {}).get("chief"))
 
 
 def embedding_step(embed_fn):
@@ -252,17 +234,21 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._manager = None
         self._current_epoch = 0
-        # Under MultiWorkerMirroredStrategy every worker must save (reading
-        # synchronised variables is collective), but only the chief keeps its
-        # files; the others write to a scratch folder removed after each save.
-        task_type, task_id = _worker_task()
-        self._is_chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0
-                                                          and not _has_chief())
-        self._write_directory = (directory if self._is_chief
-                                 else os.path.join(directory, f".scratch_{task_type}_{task_id}"))
+        self._is_chief, self._write_directory = True, directory
 
     def _get_manager(self, model):
         if self._manager is None:
+            # Under MultiWorkerMirroredStrategy every worker must save (reading
+            # synchronised variables is collective), but only the chief keeps its
+            # files; the others write to a scratch folder removed after each save.
+            # The strategy decides who is chief, from whichever cluster resolver
+            # it was built with (TF_CONFIG, Slurm, ...).
+            strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+            self._is_chief = bool(strategy.extended.should_checkpoint)
+            if not self._is_chief:
+                resolver = strategy.cluster_resolver
+                self._write_directory = os.path.join(
+                    self.directory, f".scratch_{resolver.task_type}_{resolver.task_id}")
             if model.optimizer is not None and not model.optimizer.built:
                 # Inside the model's strategy: restore() may run before fit, outside any scope.
                 with getattr(model, "distribute_strategy", tf.distribute.get_strategy()).scope():

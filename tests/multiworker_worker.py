@@ -50,4 +50,7 @@ np.savez(sys.argv[1], queue=model.queue.numpy(), pointer=model.queue_pointer.num
          assignments=model.assignments.numpy(), proto_nce=np.array(history["proto_nce"], np.float64),
          **{f"prototypes_{m}": p.numpy() for m, p in enumerate(model.prototypes)},
          **{f"key_{i}": w.numpy() for i, w in enumerate(model.key_backbone.weights + model.key_head.weights)})
+if len(sys.argv) > 2:
+    writes_to = os.path.relpath(checkpoint._write_directory, sys.argv[2])
+    print(f"checkpoint writer: chief={checkpoint._is_chief} writes to {writes_to}", flush=True)
 print("worker done", flush=True)

@@ -106,6 +106,10 @@ def test_a_killed_worker_stops_the_job_and_both_resume_from_the_checkpoint(tmp_p
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
         assert f"starting at epoch {saved_epoch}" in output
+    # The strategy names worker 0 chief: it keeps the files, worker 1 writes to scratch.
+    assert "checkpoint writer: chief=True writes to ." in outputs[0]
+    assert "checkpoint writer: chief=False writes to .scratch_worker_1" in outputs[1]
+    assert not any(path.name.startswith(".scratch") for path in checkpoints.iterdir())
     first, second = (np.load(tmp_path / f"worker{task}.npz") for task in range(2))
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
