@@ -37,11 +37,10 @@ def test_quickstart_writes_every_output(quickstart_run):
     assert results["evaluation"]["encoder"]["linear_top1"] > 0.5  # far above chance (0.1)
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
-    # Training time adds up over both invocations.
+    # One invocation: the epochs' wall time is part of the whole fit() call's.
     assert all(t > 0 for t in history["epoch_seconds"])
-    results = json.loads((out / "results.json").read_text())
     assert results["train_seconds"] == pytest.approx(sum(history["epoch_seconds"]), abs=0.06)
-    assert results["train_seconds"] > results["train_seconds_this_invocation"]  # epochs 1-2 counted too
+    assert results["train_seconds"] <= results["train_seconds_this_invocation"] + 0.1
     assert history["learning_rate"][0] > history["learning_rate"][1] > history["learning_rate"][2] >= 0  # cosine
     assert history["estep_cluster_seconds"][1] > 0
     assert history["proto_nce"][0] == 0.0 and history["proto_nce"][1] > 0.0
@@ -86,6 +85,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
             "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
     runner.execute(base + ["--epochs=2"])
     capsys.readouterr()
+    first_seconds = json.loads((out / "history.json").read_text())["epoch_seconds"]
     # A run started before a flag existed resumes: the missing flag counts as its default.
     config = json.loads((out / "config.json").read_text())
     del config["prototype_temperature"]
@@ -94,11 +94,10 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
     assert f"resuming {out} at epoch 2" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
-    # Training time adds up over both invocations.
-    assert all(t > 0 for t in history["epoch_seconds"])
+    # Training time adds up over both invocations: epochs 1-2 keep their times from the first one.
+    assert history["epoch_seconds"][:2] == first_seconds and history["epoch_seconds"][2] > 0
     results = json.loads((out / "results.json").read_text())
     assert results["train_seconds"] == pytest.approx(sum(history["epoch_seconds"]), abs=0.06)
-    assert results["train_seconds"] > results["train_seconds_this_invocation"]  # epochs 1-2 counted too
     config_before = (out / "config.json").read_text()
     with pytest.raises(SystemExit) as exit_info:
         runner.execute(base + ["--epochs=3", "--temperature=0.3"])
