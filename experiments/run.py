@@ -332,7 +332,8 @@ def main(argv):
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is not None:
-                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                # convert_to_tensor, not convert_to_numpy: the latter warns under NumPy 2 for a Variable.
+                logs["learning_rate"] = float(keras.ops.convert_to_tensor(self.model.optimizer.learning_rate))
                 logs["epoch_seconds"] = time.time() - self.started
 
     # First, so that its clock starts before the E-step's on_epoch_begin.

@@ -82,7 +82,8 @@ def test_saved_model_serves_in_a_fresh_process(quickstart_run, runner, digits):
 def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys):
     out = tmp_path / "resume"
     base = [f"--flagfile={QUICKSTART}", f"--output_dir={out}", "--knn_every=0", "--export=false",
-            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1"]
+            "--plots=false", "--low_shot_draws=1", "--num_clusters=10", "--queue_size=256", "--warmup_epochs=1",
+            "--schedule=constant"]
     runner.execute(base + ["--epochs=2"])
     capsys.readouterr()
     first_seconds = json.loads((out / "history.json").read_text())["epoch_seconds"]
@@ -94,6 +95,8 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
     assert f"resuming {out} at epoch 2" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
+    # A constant rate is an optimizer Variable, not a schedule's tensor: logged as the flag's value.
+    assert history["learning_rate"] == pytest.approx([config["learning_rate"]] * 3)
     # Training time adds up over both invocations: epochs 1-2 keep their times from the first one.
     assert history["epoch_seconds"][:2] == first_seconds and history["epoch_seconds"][2] > 0
     results = json.loads((out / "results.json").read_text())
