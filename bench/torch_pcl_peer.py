@@ -101,4 +101,4 @@ class PCLStep(nn.Module):
         loss.backward()
         self.optimizer.step()
         self._enqueue(k)
-        return float(loss)
+        return float(loss.detach())
