@@ -1,9 +1,11 @@
 """Where keras_pcl's train step spends its time: TensorFlow's profiler, summed per op type.
 
     python bench/profile_train_step.py --precision=bf16 --steps=2
+    python bench/profile_train_step.py --encoder=small_resnet --precision=bf16 --steps=5
 
 Builds the same PCL step as `train_step_bench.py` (ResNet-18, batch 256, queue
-16384, three granularities), warms it up, profiles `--steps` steps with
+16384, three granularities; or, with `--encoder=small_resnet`, the Fashion-MNIST
+config's step: small ResNet, 28x28x1, queue 4096, 50/100/200 prototypes), warms it up, profiles `--steps` steps with
 `tf.profiler.experimental` and sums the profiler's op events by op type. Op
 times are summed over the threads that ran them, so the total exceeds the wall
 time; the shares are what count.
@@ -42,6 +44,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--norm", choices=["split", "batch"], default="split")
+    parser.add_argument("--encoder", choices=["resnet18", "small_resnet"], default="resnet18",
+                        help="resnet18: the issue's step; small_resnet: the Fashion-MNIST config's")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -51,7 +55,7 @@ def main():
 
     from train_step_bench import keras_step_runner
 
-    run = keras_step_runner(args.precision, False, args.norm)
+    run = keras_step_runner(args.precision, False, args.norm, args.encoder)
     run(2)  # trace and warm up
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
@@ -59,7 +63,7 @@ def main():
         tf.profiler.experimental.stop()
         totals = op_times(logdir)
     total = sum(totals.values())
-    print(f"# {args.precision}, {args.norm} BN: {args.steps} steps in {seconds:.2f} s wall; "
+    print(f"# {args.encoder}, {args.precision}, {args.norm} BN: {args.steps} steps in {seconds:.2f} s wall; "
           f"op time summed over threads {total / 1000:.2f} s")
     for op_type, ms in totals.most_common(args.top):
         print(f"{op_type:<40}{ms / args.steps:10.1f} ms/step {100 * ms / total:6.1f} %")

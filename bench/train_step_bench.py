@@ -32,27 +32,35 @@ BATCH, SIZE, QUEUE, CLUSTERS = 256, 32, 16384, (250, 500, 1000)
 NUM_SAMPLES = 50000
 
 
-def keras_step_runner(precision, jit, norm="split"):
+# The issue's step, and the Fashion-MNIST config's (small ResNet, 28x28x1, MLP 512, queue 4096).
+STEPS = {
+    "resnet18": dict(shape=(SIZE, SIZE, 3), hidden=2048, queue=QUEUE, clusters=CLUSTERS),
+    "small_resnet": dict(shape=(28, 28, 1), hidden=512, queue=4096, clusters=(50, 100, 200)),
+}
+
+
+def keras_step_runner(precision, jit, norm="split", encoder="resnet18"):
     import keras
     import tensorflow as tf
 
     import keras_pcl
     from keras_pcl import backbones
 
+    spec = STEPS[encoder]
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
-    model = keras_pcl.PCL(backbones.resnet18((SIZE, SIZE, 3), norm=norm), backbones.mlp_head(128, 2048),
-                          num_samples=NUM_SAMPLES, num_clusters=CLUSTERS, warmup_epochs=0, queue_size=QUEUE,
-                          momentum=0.999, temperature=0.2)
+    model = keras_pcl.PCL(getattr(backbones, encoder)(spec["shape"], norm=norm), backbones.mlp_head(128, spec["hidden"]),
+                          num_samples=NUM_SAMPLES, num_clusters=spec["clusters"], warmup_epochs=0,
+                          queue_size=spec["queue"], momentum=0.999, temperature=0.2)
     rng = np.random.default_rng(0)
     results = []
-    for k in CLUSTERS:
+    for k in spec["clusters"]:
         prototypes = rng.normal(size=(k, 128)).astype(np.float32)
         results.append((prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True),
                         np.full(k, 0.2, np.float32), rng.integers(0, k, NUM_SAMPLES)))
     model.set_prototypes(results)
     model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4), jit_compile=jit)
     keras.mixed_precision.set_global_policy("float32")
-    views = tf.random.uniform([2, BATCH, SIZE, SIZE, 3])
+    views = tf.random.uniform([2, BATCH, *spec["shape"]])
     batch = ((views[0], views[1]), tf.range(BATCH))
     model.make_train_function()  # Keras' compiled train function over an iterator
     step = model.train_function
