@@ -45,29 +45,26 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def cpu_flags():
+def cpuinfo(field):
+    """The first `field` line of /proc/cpuinfo ("model name", "flags"), or None."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith(field))
     except (OSError, StopIteration):
-        return set()
+        return None
 
 
 # faiss-cpu 1.15.1's bundled OpenBLAS 0.3.15 does not recognise recent Xeons and falls back
 # to its Prescott (SSE3) kernels: faiss ran 4.4x slower on the AMX Xeon than with its
 # AVX-512 kernels (bench/RESULTS.md, tenth session). Read at library load, so set first.
-if "avx512f" in cpu_flags():
+if "avx512f" in (cpuinfo("flags") or "").split():
     os.environ.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
 
 import numpy as np  # noqa: E402
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+    return cpuinfo("model name") or platform.machine()
 
 
 def faiss_blas():
