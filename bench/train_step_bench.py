@@ -95,6 +95,17 @@ def torch_step_runner(precision):
     return run
 
 
+def best_seconds(call, repeats):
+    """Fastest of `repeats` timed calls, after one untimed call."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_peak(size=4096, repeats=5):
     """Best TF graph-mode matmul rate (GFLOP/s) on this machine, fp32 and bf16."""
     import tensorflow as tf
@@ -103,13 +114,7 @@ def measure_peak(size=4096, repeats=5):
     for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
         a = tf.cast(tf.random.normal([size, size]), dtype)
         matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
-        matmul(a, a).numpy()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a, a).numpy()
-            best = min(best, time.perf_counter() - start)
-        peaks[name] = 2 * size ** 3 / best / 1e9
+        peaks[name] = 2 * size ** 3 / best_seconds(lambda: matmul(a, a).numpy(), repeats) / 1e9
     return peaks
 
 
