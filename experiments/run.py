@@ -60,6 +60,7 @@ flags.DEFINE_list("num_clusters", ["25000", "50000", "100000"], "PCL: clusters p
 flags.DEFINE_integer("warmup_epochs", 20, "PCL: epochs of InfoNCE only before the first E-step.")
 flags.DEFINE_float("prototype_temperature", 0.0,
                    "PCL: the mean of phi, ProtoNCE's temperature (0: the same as --temperature, as the reference).")
+flags.DEFINE_float("prototype_weight", 1.0, "PCL: weight of ProtoNCE against InfoNCE (the reference: 1).")
 flags.DEFINE_integer("num_negative_prototypes", 0, "PCL: sampled negatives per step (0: exact softmax).")
 flags.DEFINE_boolean("feature_bank", False,
                      "PCL: after the first E-step, cluster a bank of each image's latest training key "
@@ -171,6 +172,8 @@ def parse_flags():
     if FLAGS.prototype_temperature < 0:
         raise UsageError(f"--prototype_temperature must be > 0, or 0 to use --temperature; got "
                          f"{FLAGS.prototype_temperature}.")
+    if FLAGS.prototype_weight < 0:
+        raise UsageError(f"--prototype_weight must be >= 0, got {FLAGS.prototype_weight}.")
     if not 0 <= FLAGS.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
     if FLAGS.queue_size % FLAGS.batch_size:
@@ -223,7 +226,8 @@ def build_model(keras_pcl, keras, split, image_size, clusters):
                          warmup_epochs=FLAGS.warmup_epochs,
                          num_negative_prototypes=FLAGS.num_negative_prototypes or None,
                          use_feature_bank=FLAGS.feature_bank,
-                         prototype_temperature=FLAGS.prototype_temperature or None, **common)
+                         prototype_temperature=FLAGS.prototype_temperature or None,
+                         prototype_weight=FLAGS.prototype_weight, **common)
 
 
 def format_table(rows):

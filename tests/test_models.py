@@ -68,6 +68,7 @@ def test_moco_rejects_bad_arguments(kwargs, message):
     (dict(num_clusters=()), "at least one"), (dict(warmup_epochs=-1), "warmup_epochs"),
     (dict(num_negative_prototypes=0), "num_negative_prototypes"),
     (dict(prototype_temperature=0.0), "prototype_temperature"),
+    (dict(prototype_weight=-1.0), "prototype_weight"),
 ])
 def test_pcl_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -184,6 +185,37 @@ def test_protonce_matches_the_loss_function(digits):
     want = np.mean([keras_pcl.losses.proto_nce(outputs["query"], p, phi, tf.gather(model.assignments[m], index))
                     for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))], axis=0)
     np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.5])
+def test_prototype_weight_scales_protonce_in_the_minimised_loss(digits, weight):
+    """loss = InfoNCE + w * ProtoNCE; the logged terms stay unweighted, and with w = 0
+    a step moves the weights exactly as the same step without the prototype term."""
+    images = digits[0][:32]
+    models = []
+    for prototype_weight, ready in ((weight, 1), (1.0, 0)):
+        keras.utils.set_random_seed(3)
+        model = tiny_pcl(len(images), warmup_epochs=0, prototype_weight=prototype_weight)
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+        update.set_model(model)
+        update.run_estep()
+        model.prototypes_ready.assign(ready)  # 0: the warm-up's step, InfoNCE alone
+        models.append(model)
+    weighted, instance_only = models
+    x = data.to_float(images)
+    batch = ((x, x), tf.range(32))
+    terms, _ = weighted.forward(batch[0], batch[1], training=False)
+    logs = {name: float(value) for name, value in weighted.train_step(batch).items()}
+    assert logs["proto_nce"] == pytest.approx(float(tf.reduce_mean(terms["proto_nce"])), rel=1e-5)
+    assert logs["proto_nce"] > 0.1
+    assert logs["loss"] == pytest.approx(logs["info_nce"] + weight * logs["proto_nce"], rel=1e-5)
+    instance_only.train_step(batch)
+    moved = [np.abs(a.numpy() - b.numpy()).max() for a, b in zip(weighted.query_variables, instance_only.query_variables)]
+    if weight == 0:
+        assert max(moved) < 1e-6
+    else:
+        assert max(moved) > 1e-4
 
 
 @pytest.mark.parametrize("prototype_temperature", [None, 0.05])
@@ -324,7 +356,7 @@ def test_two_replicas_match_one(digits, tmp_path):
 
 
 @pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True,
-                                                                prototype_temperature=0.1)])
+                                                                prototype_temperature=0.1, prototype_weight=0.5)])
 def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     model = build()
     model.compile(optimizer=keras.optimizers.SGD(0.1))

@@ -130,6 +130,7 @@ BAD_INPUTS = [
     ("zero temperature", ["--temperature=0"], "--temperature must be > 0"),
     ("negative temperature", ["--temperature=-0.1"], "--temperature must be > 0"),
     ("negative prototype temperature", ["--prototype_temperature=-0.1"], "--prototype_temperature must be > 0"),
+    ("negative prototype weight", ["--prototype_weight=-1"], "--prototype_weight must be >= 0"),
     ("momentum of 1", ["--momentum=1.0"], "--momentum must be in [0, 1)"),
     ("images with NaN", ["--dataset=npz:{tmp}/nan.npz"], "NaN or Inf"),
     ("output dir is a file", ["--output_dir={tmp}/a_file"], "is a file"),

@@ -200,6 +200,15 @@ class ContrastiveModel(keras.Model):
     def forward(self, views, index, training):
         raise NotImplementedError
 
+    @property
+    def term_weights(self):
+        """Weight of each loss term in the optimised total (absent: 1); terms are logged unweighted."""
+        return {}
+
+    def _total(self, terms):
+        weights = self.term_weights
+        return tf.add_n([value * weights[name] if name in weights else value for name, value in terms.items()])
+
     def after_step(self, outputs):
         pass
 
@@ -217,7 +226,7 @@ class ContrastiveModel(keras.Model):
         with tf.GradientTape() as tape:
             losses, outputs = self.forward(views, index, training=True)
             terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
-            loss = tf.add_n(list(terms.values()))
+            loss = self._total(terms)
             # Keras sums gradients over replicas; the step should average them.
             scaled = loss / num_replicas()
             if hasattr(self.optimizer, "scale_loss"):
@@ -232,7 +241,7 @@ class ContrastiveModel(keras.Model):
         views, index = self._unpack(data)
         losses, outputs = self.forward(views, index, training=False)
         terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
-        return self._update_trackers(tf.add_n(list(terms.values())), terms, outputs)
+        return self._update_trackers(self._total(terms), terms, outputs)
 
     def _update_trackers(self, loss, terms, outputs):
         self._trackers["loss"].update_state(loss)

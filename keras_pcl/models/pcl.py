@@ -17,7 +17,8 @@ class PCL(MoCo):
     embeddings of all N training images into `num_clusters[m]` prototypes for
     each granularity m, with a concentration phi per prototype.
     M-step (this model's `train_step`): minimise
-    `InfoNCE + (1/M) sum_m ProtoNCE_m`, where ProtoNCE_m is a softmax of
+    `InfoNCE + w (1/M) sum_m ProtoNCE_m` (w = `prototype_weight`, 1 in the
+    reference), where ProtoNCE_m is a softmax of
     `q . c_j / phi_j` whose target is the sample's own prototype. Until the
     first E-step the model trains as MoCo (the warm-up).
 
@@ -46,6 +47,9 @@ class PCL(MoCo):
             softmax is. None (the reference) uses the InfoNCE `temperature`;
             a float > 0 decouples the two, so the prototype term can be made
             sharper or softer without changing the instance term.
+        prototype_weight: weight of the ProtoNCE term against InfoNCE (the
+            reference: 1). Logged `proto_nce` stays the unweighted mean over
+            granularities; `loss` is the weighted total that is minimised.
         **kwargs: `MoCo` arguments (queue_size, momentum, temperature, ...).
 
     Example:
@@ -63,7 +67,7 @@ class PCL(MoCo):
 
     def __init__(self, backbone, head, num_samples, num_clusters=(250, 500, 1000), warmup_epochs=10,
                  num_negative_prototypes=None, use_feature_bank=False, prototype_temperature=None,
-                 **kwargs):
+                 prototype_weight=1.0, **kwargs):
         super().__init__(backbone, head, **kwargs)
         num_clusters = tuple(int(k) for k in (
             num_clusters if isinstance(num_clusters, (list, tuple)) else [num_clusters]))
@@ -87,7 +91,10 @@ class PCL(MoCo):
             raise ValueError(
                 f"prototype_temperature must be None (use temperature) or > 0, got {prototype_temperature}."
             )
+        if not float(prototype_weight) >= 0:
+            raise ValueError(f"prototype_weight must be >= 0 (1 is the reference's), got {prototype_weight}.")
         self.num_samples, self.num_clusters = int(num_samples), num_clusters
+        self.prototype_weight = float(prototype_weight)
         self.prototype_temperature = (
             None if prototype_temperature is None else float(prototype_temperature)
         )
@@ -113,6 +120,10 @@ class PCL(MoCo):
         self.feature_bank = self.add_weight(
             shape=(self.num_samples, self.embedding_dim), dtype="float32", name="feature_bank",
             trainable=False, initializer="zeros") if self.use_feature_bank else None
+
+    @property
+    def term_weights(self):
+        return {"proto_nce": self.prototype_weight}
 
     @property
     def prototypes(self):
@@ -204,5 +215,6 @@ class PCL(MoCo):
                       warmup_epochs=self.warmup_epochs,
                       num_negative_prototypes=self.num_negative_prototypes,
                       use_feature_bank=self.use_feature_bank,
-                      prototype_temperature=self.prototype_temperature)
+                      prototype_temperature=self.prototype_temperature,
+                      prototype_weight=self.prototype_weight)
         return config
