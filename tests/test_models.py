@@ -25,6 +25,13 @@ def tiny_moco(**kwargs):
                           backbones.mlp_head(16, 32), **options)
 
 
+def estep_update(model, images):
+    """A PrototypeUpdate on `images`, attached to `model`: `.run_estep()` runs one E-step outside fit."""
+    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
+    update.set_model(model)
+    return update
+
+
 def fixed_views(images, batch_size=32):
     """Unaugmented, unshuffled ((x, x), index) batches: deterministic steps."""
     x = data.to_float(images)
@@ -129,8 +136,7 @@ def test_estep_embeds_once_then_clusters_the_feature_bank(digits):
     images = digits[0][:64]
     model = tiny_pcl(len(images), num_clusters=(4,), use_feature_bank=True)
     model.compile(optimizer="sgd")
-    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-    update.set_model(model)
+    update = estep_update(model, images)
     update.run_estep()  # the first E-step embeds the images and fills the bank
     np.testing.assert_allclose(model.feature_bank.numpy(), model.embed_keys(data.to_float(images)).numpy(),
                                atol=1e-5)
@@ -176,8 +182,7 @@ def test_protonce_matches_the_loss_function(digits):
     images = digits[0][:64]
     model = tiny_pcl(len(images), warmup_epochs=0)
     model.compile(optimizer="sgd")
-    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-    update.set_model(model)
+    update = estep_update(model, images)
     update.run_estep()
     x = data.to_float(images[:32])
     index = tf.range(32)
@@ -197,8 +202,7 @@ def test_prototype_weight_scales_protonce_in_the_minimised_loss(digits, weight):
         keras.utils.set_random_seed(3)
         model = tiny_pcl(len(images), warmup_epochs=0, prototype_weight=prototype_weight)
         model.compile(optimizer=keras.optimizers.SGD(0.5))
-        update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-        update.set_model(model)
+        update = estep_update(model, images)
         update.run_estep()
         model.prototypes_ready.assign(ready)  # 0: the warm-up's step, InfoNCE alone
         models.append(model)
@@ -222,8 +226,7 @@ def test_prototype_weight_scales_protonce_in_the_minimised_loss(digits, weight):
 def test_prototype_temperature_sets_the_mean_of_phi_alone(digits, prototype_temperature):
     images = digits[0][:64]
     model = tiny_pcl(len(images), warmup_epochs=0, temperature=0.3, prototype_temperature=prototype_temperature)
-    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-    update.set_model(model)
+    update = estep_update(model, images)
     update.run_estep()
     want = 0.3 if prototype_temperature is None else prototype_temperature  # None: the reference's tie
     for phi in model.concentrations:
@@ -288,8 +291,7 @@ def test_xla_train_step_matches_graph_mode(digits):
         return model
 
     graph, xla = build(False), build(True)
-    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-    update.set_model(graph)
+    update = estep_update(graph, images)
     xla.set_prototypes(update.run_estep())  # ProtoNCE from the first step, same prototypes
     views = fixed_views(images, 16)
     history_graph = graph.fit(views, epochs=1, verbose=0).history
@@ -430,8 +432,7 @@ def test_checkpoint_holds_prototypes_and_concentrations(tmp_path, digits):
     images = digits[0][:64]
     model = tiny_pcl(len(images), warmup_epochs=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
-    update = keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)
-    update.set_model(model)
+    update = estep_update(model, images)
     update.run_estep()
     checkpoint = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path))
     checkpoint.set_model(model)
