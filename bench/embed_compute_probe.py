@@ -53,18 +53,15 @@ def main(argv):
 
 
 def profile(batches, embed):
-    import tempfile
+    from profile_train_step import profiled
 
-    from profile_train_step import op_times
-
-    with tempfile.TemporaryDirectory() as logdir:
-        tf.profiler.experimental.start(logdir)
+    def one_pass():
         started = time.perf_counter()
         for batch in batches:
             embed(batch).numpy()
-        seconds = time.perf_counter() - started
-        tf.profiler.experimental.stop()
-        totals = op_times(logdir)
+        return time.perf_counter() - started
+
+    seconds, totals = profiled(one_pass)
     total = sum(totals.values())
     print(f"# {FLAGS.policy}, one graph-mode pass at batch 512: {seconds:.2f} s wall; op time summed over threads {total / 1000:.2f} s")
     for op_type, ms in totals.most_common(10):

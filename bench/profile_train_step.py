@@ -40,6 +40,17 @@ def op_times(logdir):
     return totals
 
 
+def profiled(call):
+    """Runs `call()` under TensorFlow's profiler; returns its result and `op_times` of that run."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        result = call()
+        tf.profiler.experimental.stop()
+        return result, op_times(logdir)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -51,17 +62,11 @@ def main():
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import tensorflow as tf
-
     from train_step_bench import keras_step_runner
 
     run = keras_step_runner(args.precision, False, args.norm, args.encoder)
     run(2)  # trace and warm up
-    with tempfile.TemporaryDirectory() as logdir:
-        tf.profiler.experimental.start(logdir)
-        seconds = run(args.steps)
-        tf.profiler.experimental.stop()
-        totals = op_times(logdir)
+    seconds, totals = profiled(lambda: run(args.steps))
     total = sum(totals.values())
     print(f"# {args.encoder}, {args.precision}, {args.norm} BN: {args.steps} steps in {seconds:.2f} s wall; "
           f"op time summed over threads {total / 1000:.2f} s")
