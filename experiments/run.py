@@ -55,7 +55,8 @@ flags.DEFINE_float("temperature", 0.2,
                    "InfoNCE temperature (and the mean of phi, unless --prototype_temperature is set).")
 flags.DEFINE_float("momentum", 0.999, "Momentum (EMA) of the key encoder, in [0, 1).")
 flags.DEFINE_integer("queue_size", 16384, "Negative keys in the queue; a multiple of the batch size.")
-flags.DEFINE_boolean("symmetric", False, "Use both views as queries.")
+flags.DEFINE_boolean("symmetric", False,
+                     "Use both views as queries, for InfoNCE and (PCL) ProtoNCE; about twice the step cost.")
 flags.DEFINE_list("num_clusters", ["25000", "50000", "100000"], "PCL: clusters per granularity.")
 flags.DEFINE_integer("warmup_epochs", 20, "PCL: epochs of InfoNCE only before the first E-step.")
 flags.DEFINE_float("prototype_temperature", 0.0,

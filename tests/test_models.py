@@ -192,6 +192,32 @@ def test_protonce_matches_the_loss_function(digits):
     np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_symmetric_averages_both_views_as_queries(digits, symmetric):
+    """InfoNCE and ProtoNCE equal the loss functions on (q1, k2) and, with `symmetric`,
+    also on (q2, k1), averaged; the queue still takes view 2's keys only."""
+    images = digits[0][:64]
+    model = tiny_pcl(len(images), warmup_epochs=0, shuffle_keys=False, symmetric=symmetric)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    estep_update(model, images).run_estep()
+    view1, view2, index = data.to_float(images[:32]), data.to_float(images[32:]), tf.range(32)
+    terms, _ = model.forward((view1, view2), index, training=False)
+    q1, q2 = model.embed(view1), model.embed(view2)
+    k1, k2 = model.embed_keys(view1), model.embed_keys(view2)
+    directions = [(q1, k2), (q2, k1)] if symmetric else [(q1, k2)]
+    want_info = np.mean([keras_pcl.losses.info_nce(q, k, model.queue, model.temperature) for q, k in directions], 0)
+    want_proto = np.mean([keras_pcl.losses.proto_nce(q, p, phi, tf.gather(model.assignments[m], index))
+                          for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))
+                          for q, _ in directions], axis=0)
+    np.testing.assert_allclose(terms["info_nce"].numpy(), want_info, rtol=1e-5)
+    np.testing.assert_allclose(terms["proto_nce"].numpy(), want_proto, rtol=1e-5)
+    if symmetric:  # the second direction changes the loss, so the check above could fail
+        assert np.abs(want_info - keras_pcl.losses.info_nce(q1, k2, model.queue, model.temperature)).max() > 1e-3
+    model.train_step(((view1, view2), index))
+    assert int(model.queue_pointer.numpy()) == 32
+    np.testing.assert_allclose(model.queue.numpy()[:32], model.embed_keys(view2, training=True).numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("weight", [0.0, 2.5])
 def test_prototype_weight_scales_protonce_in_the_minimised_loss(digits, weight):
     """loss = InfoNCE + w * ProtoNCE; the logged terms stay unweighted, and with w = 0
@@ -358,7 +384,8 @@ def test_two_replicas_match_one(digits, tmp_path):
 
 
 @pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True,
-                                                                prototype_temperature=0.1, prototype_weight=0.5)])
+                                                                prototype_temperature=0.1, prototype_weight=0.5,
+                                                                symmetric=True)])
 def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     model = build()
     model.compile(optimizer=keras.optimizers.SGD(0.1))

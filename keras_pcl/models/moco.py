@@ -71,8 +71,9 @@ class MoCo(ContrastiveModel):
         shuffle_keys: permute the key batch before the key encoder (the
             shuffle-BN replacement; useful with `norm="split"`).
         symmetric: also use view 2 as query against view 1's keys, averaging
-            both losses (MoCo v3 / SimCLR style); off in the reference. The
-            queue still receives one batch of keys (view 2's) per step.
+            both losses (MoCo v3 / SimCLR style); off in the reference. About
+            twice the step's cost. The queue still receives one batch of keys
+            (view 2's) per step.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -155,7 +156,7 @@ class MoCo(ContrastiveModel):
         if view1.shape[0] is not None:  # static when batches drop their remainder
             self.check_batch_size(view1.shape[0])
         pairs = [(view1, view2), (view2, view1)] if self.symmetric else [(view1, view2)]
-        query, keys, per_sample, accuracy = None, [], [], []
+        queries, keys, per_sample, accuracy = [], [], [], []
         for q_view, k_view in pairs:
             q = self.embed(q_view, training=training)
             k = tf.stop_gradient(self.embed_keys(k_view, training=training))
@@ -164,10 +165,11 @@ class MoCo(ContrastiveModel):
             per_sample.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.zeros(tf.shape(logits)[0], tf.int32), logits=logits))
             accuracy.append(tf.reduce_mean(tf.cast(tf.argmax(logits, axis=1) == 0, tf.float32)))
-            query = q if query is None else query
+            queries.append(q)
             keys.append(k)
         # Only view 2's keys are enqueued, so the queue advances one batch per step in both modes.
-        outputs = {"query": query, "keys": keys[0], "instance_acc": tf.add_n(accuracy) / len(accuracy)}
+        outputs = {"query": queries[0], "queries": queries, "keys": keys[0],
+                   "instance_acc": tf.add_n(accuracy) / len(accuracy)}
         return {"info_nce": tf.add_n(per_sample) / len(per_sample)}, outputs
 
     def after_step(self, outputs):

@@ -19,7 +19,8 @@ class PCL(MoCo):
     M-step (this model's `train_step`): minimise
     `InfoNCE + w (1/M) sum_m ProtoNCE_m` (w = `prototype_weight`, 1 in the
     reference), where ProtoNCE_m is a softmax of
-    `q . c_j / phi_j` whose target is the sample's own prototype. Until the
+    `q . c_j / phi_j` whose target is the sample's own prototype (with
+    `symmetric=True` both views' queries, averaged, as InfoNCE's). Until the
     first E-step the model trains as MoCo (the warm-up).
 
     State, all non-trainable weights saved with the model: `prototypes_{m}`
@@ -158,25 +159,26 @@ class PCL(MoCo):
 
     def forward(self, views, index, training):
         loss_terms, outputs = super().forward(views, index, training)
-        query = outputs["query"]
         if index is None:
             raise ValueError("PCL trains on ((view1, view2), index) batches: the index is missing.")
         index = tf.cast(index, tf.int32)
 
         def prototype_terms():
+            # Each query (both views' with `symmetric`) against its image's prototype.
             per_sample, correct = [], []
             for m, (prototypes, phi) in enumerate(zip(self.prototypes, self.concentrations)):
                 target = tf.gather(self.assignments[m], index)
-                logits = losses.proto_nce_logits(query, prototypes, phi)
-                if self.num_negative_prototypes is None:
-                    per_sample.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        labels=target, logits=logits))  # == losses.proto_nce
-                else:
-                    seed = tf.stack([tf.cast(self.optimizer.iterations, tf.int32), m])
-                    per_sample.append(losses.sampled_proto_nce(
-                        query, prototypes, phi, target, self.num_negative_prototypes, seed))
-                # Accuracy over all K prototypes, comparable with and without sampling.
-                correct.append(tf.argmax(logits, axis=1, output_type=tf.int32) == target)
+                for q, query in enumerate(outputs["queries"]):
+                    logits = losses.proto_nce_logits(query, prototypes, phi)
+                    if self.num_negative_prototypes is None:
+                        per_sample.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                            labels=target, logits=logits))  # == losses.proto_nce
+                    else:
+                        seed = tf.stack([tf.cast(self.optimizer.iterations, tf.int32), m + q * len(self.num_clusters)])
+                        per_sample.append(losses.sampled_proto_nce(
+                            query, prototypes, phi, target, self.num_negative_prototypes, seed))
+                    # Accuracy over all K prototypes, comparable with and without sampling.
+                    correct.append(tf.argmax(logits, axis=1, output_type=tf.int32) == target)
             loss = tf.add_n(per_sample) / len(per_sample)
             accuracy = tf.reduce_mean(tf.cast(tf.stack(correct), tf.float32))
             return loss, accuracy
