@@ -187,7 +187,7 @@ def test_protonce_matches_the_loss_function(digits):
     x = data.to_float(images[:32])
     index = tf.range(32)
     terms, outputs = model.forward((x, x), index, training=False)
-    want = np.mean([keras_pcl.losses.proto_nce(outputs["query"], p, phi, tf.gather(model.assignments[m], index))
+    want = np.mean([keras_pcl.losses.proto_nce(outputs["queries"][0], p, phi, tf.gather(model.assignments[m], index))
                     for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))], axis=0)
     np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
 
@@ -487,7 +487,7 @@ def test_mixed_bfloat16_keeps_losses_and_clustering_in_float32(digits):
         assert model.backbone(x).dtype == tf.bfloat16  # the encoder really computes in bf16
         terms, outputs = model.forward((x, x), tf.range(32), training=False)
         assert all(t.dtype == tf.float32 for t in terms.values())
-        assert outputs["query"].dtype == tf.float32 and model.embed_keys(x).dtype == tf.float32
+        assert outputs["queries"][0].dtype == tf.float32 and model.embed_keys(x).dtype == tf.float32
         for variable in [model.queue] + model.prototypes + model.concentrations:
             assert variable.dtype == "float32"
         assert np.isfinite(history["loss"]).all() and history["proto_nce"][1] > 0

@@ -168,8 +168,7 @@ class MoCo(ContrastiveModel):
             queries.append(q)
             keys.append(k)
         # Only view 2's keys are enqueued, so the queue advances one batch per step in both modes.
-        outputs = {"query": queries[0], "queries": queries, "keys": keys[0],
-                   "instance_acc": tf.add_n(accuracy) / len(accuracy)}
+        outputs = {"queries": queries, "keys": keys[0], "instance_acc": tf.add_n(accuracy) / len(accuracy)}
         return {"info_nce": tf.add_n(per_sample) / len(per_sample)}, outputs
 
     def after_step(self, outputs):
