@@ -177,25 +177,11 @@ def test_epochs_without_an_estep_log_zero_estep_time(digits):
     assert history["k4_largest_cluster"][1] == history["k4_largest_cluster"][0]  # prototypes of epoch 0
 
 
-def test_protonce_matches_the_loss_function(digits):
-    """The model's ProtoNCE term equals losses.proto_nce on its own state."""
-    images = digits[0][:64]
-    model = tiny_pcl(len(images), warmup_epochs=0)
-    model.compile(optimizer="sgd")
-    update = estep_update(model, images)
-    update.run_estep()
-    x = data.to_float(images[:32])
-    index = tf.range(32)
-    terms, outputs = model.forward((x, x), index, training=False)
-    want = np.mean([keras_pcl.losses.proto_nce(outputs["queries"][0], p, phi, tf.gather(model.assignments[m], index))
-                    for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))], axis=0)
-    np.testing.assert_allclose(terms["proto_nce"].numpy(), want, rtol=1e-5)
-
-
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_symmetric_averages_both_views_as_queries(digits, symmetric):
-    """InfoNCE and ProtoNCE equal the loss functions on (q1, k2) and, with `symmetric`,
-    also on (q2, k1), averaged; the queue still takes view 2's keys only."""
+    """The model's InfoNCE and ProtoNCE equal losses.info_nce / losses.proto_nce on its own
+    state for (q1, k2) and, with `symmetric`, also for (q2, k1), averaged; the queue still
+    takes view 2's keys only."""
     images = digits[0][:64]
     model = tiny_pcl(len(images), warmup_epochs=0, shuffle_keys=False, symmetric=symmetric)
     model.compile(optimizer=keras.optimizers.SGD(0.0))
