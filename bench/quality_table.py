@@ -49,6 +49,15 @@ def read_config(name):
     return values
 
 
+def with_extra_flags(config):
+    """The config's flags as run.py sees them once --extra_flags follow the flagfile (later flags win)."""
+    values = dict(config)
+    for flag in FLAGS.extra_flags.split():
+        key, _, value = flag.lstrip("-").partition("=")
+        values[key] = value
+    return values
+
+
 def schedule_overrides(config, epochs):
     """Keeps warm-up and step drops at the same fraction of the run as in the 50-epoch config."""
     full = int(config["epochs"])
@@ -88,7 +97,7 @@ def baseline_rows(seed):
 
     from keras_pcl import backbones, data, evaluation
 
-    config = read_config(CONFIGS["pcl_v2"])
+    config = with_extra_flags(read_config(CONFIGS["pcl_v2"]))  # a variant's --width etc. apply here too
     keras.utils.set_random_seed(seed)
     split = data.load_dataset("fashion_mnist", seed=seed)
     if FLAGS.holdout:
@@ -144,8 +153,10 @@ def main(argv):
             f"seeds {','.join(FLAGS.seeds)}; "
             "mean ± spread (max - min) over seeds; accuracies in %, low-shot columns are labelled images per class.\n\n"
             + table(results))
-    with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
+    path = os.path.join(FLAGS.out, "table.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text + "\n")
+    os.replace(path + ".tmp", path)
     print(text)
 
 
