@@ -2,6 +2,7 @@
 
     python bench/profile_train_step.py --precision=bf16 --steps=2
     python bench/profile_train_step.py --encoder=small_resnet --precision=bf16 --steps=5
+    python bench/profile_train_step.py --encoder=small_resnet --steps=5 --symmetric
 
 Builds the same PCL step as `train_step_bench.py` (ResNet-18, batch 256, queue
 16384, three granularities; or, with `--encoder=small_resnet`, the Fashion-MNIST
@@ -57,6 +58,7 @@ def main():
     parser.add_argument("--norm", choices=["split", "batch"], default="split")
     parser.add_argument("--encoder", choices=["resnet18", "small_resnet"], default="resnet18",
                         help="resnet18: the issue's step; small_resnet: the Fashion-MNIST config's")
+    parser.add_argument("--symmetric", action="store_true", help="both views as queries (PCL(symmetric=True))")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -64,11 +66,11 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_step_bench import keras_step_runner
 
-    run = keras_step_runner(args.precision, False, args.norm, args.encoder)
+    run = keras_step_runner(args.precision, False, args.norm, args.encoder, args.symmetric)
     run(2)  # trace and warm up
     seconds, totals = profiled(lambda: run(args.steps))
     total = sum(totals.values())
-    print(f"# {args.encoder}, {args.precision}, {args.norm} BN: {args.steps} steps in {seconds:.2f} s wall; "
+    print(f"# {args.encoder}, {args.precision}, {args.norm} BN{', symmetric' if args.symmetric else ''}: {args.steps} steps in {seconds:.2f} s wall; "
           f"op time summed over threads {total / 1000:.2f} s")
     for op_type, ms in totals.most_common(args.top):
         print(f"{op_type:<40}{ms / args.steps:10.1f} ms/step {100 * ms / total:6.1f} %")

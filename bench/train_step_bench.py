@@ -39,7 +39,7 @@ STEPS = {
 }
 
 
-def keras_step_runner(precision, jit, norm="split", encoder="resnet18"):
+def keras_step_runner(precision, jit, norm="split", encoder="resnet18", symmetric=False):
     import keras
     import tensorflow as tf
 
@@ -50,7 +50,7 @@ def keras_step_runner(precision, jit, norm="split", encoder="resnet18"):
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     model = keras_pcl.PCL(getattr(backbones, encoder)(spec["shape"], norm=norm), backbones.mlp_head(128, spec["hidden"]),
                           num_samples=NUM_SAMPLES, num_clusters=spec["clusters"], warmup_epochs=0,
-                          queue_size=spec["queue"], momentum=0.999, temperature=0.2)
+                          queue_size=spec["queue"], momentum=0.999, temperature=0.2, symmetric=symmetric)
     rng = np.random.default_rng(0)
     results = []
     for k in spec["clusters"]:
