@@ -38,24 +38,32 @@ flags.DEFINE_boolean("train", True, "Train missing rows (false: only tabulate wh
 FLAGS = flags.FLAGS
 
 
+def flag_values(lines):
+    """`--key=value` lines as a dict; later lines win, as in absl."""
+    values = {}
+    for line in lines:
+        if line.startswith("--"):
+            key, _, value = line[2:].strip().partition("=")
+            values[key] = value
+    return values
+
+
 def read_config(name):
     """The flags of a config file as a dict (what the random-encoder row must match)."""
-    values = {}
     with open(os.path.join(ROOT, "experiments", "configs", name)) as f:
-        for line in f:
-            if line.startswith("--"):
-                key, _, value = line[2:].strip().partition("=")
-                values[key] = value
-    return values
+        return flag_values(f)
 
 
 def with_extra_flags(config):
-    """The config's flags as run.py sees them once --extra_flags follow the flagfile (later flags win)."""
-    values = dict(config)
-    for flag in FLAGS.extra_flags.split():
-        key, _, value = flag.lstrip("-").partition("=")
-        values[key] = value
-    return values
+    """The config's flags as run.py sees them once --extra_flags follow the flagfile."""
+    return {**config, **flag_values(FLAGS.extra_flags.split())}
+
+
+def write_atomically(path, text):
+    """Writes to a temporary name, then renames: a stopped run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def schedule_overrides(config, epochs):
@@ -108,10 +116,7 @@ def baseline_rows(seed):
                 "raw_pixels": [evaluation.raw_pixel_features(x) for x in (split.train_images, split.test_images)]}
     rows = {name: evaluation.evaluate_features(train, split.train_labels, test, split.test_labels, seed=seed)
             for name, (train, test) in features.items()}
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(rows, f, indent=2)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(rows, indent=2))
     return rows
 
 
@@ -153,10 +158,7 @@ def main(argv):
             f"seeds {','.join(FLAGS.seeds)}; "
             "mean ± spread (max - min) over seeds; accuracies in %, low-shot columns are labelled images per class.\n\n"
             + table(results))
-    path = os.path.join(FLAGS.out, "table.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(path + ".tmp", path)
+    write_atomically(os.path.join(FLAGS.out, "table.md"), text + "\n")
     print(text)
 
 
