@@ -39,11 +39,11 @@ FLAGS = flags.FLAGS
 
 
 def flag_values(lines):
-    """`--key=value` lines as a dict; later lines win, as in absl."""
+    """`--key=value` (or absl's `-key=value`) lines as a dict; later lines win, as in absl."""
     values = {}
     for line in lines:
-        if line.startswith("--"):
-            key, _, value = line[2:].strip().partition("=")
+        if line.startswith("-"):
+            key, _, value = line.strip().lstrip("-").partition("=")
             values[key] = value
     return values
 
