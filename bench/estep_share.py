@@ -49,12 +49,16 @@ def share(run_dir):
         rows.append((epoch, embed, cluster, ends[epoch] - ends[epoch - 1]))
     if not rows:
         raise SystemExit(f"{run_dir}: no E-step epochs with timings (is it a PCL run with a TensorBoard log?)")
-    first, rest = rows[0], rows[1:] or rows[:1]
+    first, rest = rows[0], rows[1:]
     estep_epochs = {row[0] for row in rows}
     without_estep = [ends[e] - ends[e - 1] for e in ends if e - 1 in ends and e not in estep_epochs]
     print(f"{run_dir}: {len(rows)} E-steps")
     print(f"  first E-step (epoch {first[0]}, with tracing): embed {first[1]:.1f} s + k-means/phi {first[2]:.1f} s "
           f"of a {first[3]:.1f} s epoch = {100 * (first[1] + first[2]) / first[3]:.1f} %")
+    if not rest:
+        # The first E-step's tracing would pass for the steady-state cost; say so instead.
+        print("  later E-steps: none (train past the first E-step epoch to measure the share without tracing)")
+        return (first[1] + first[2]) / first[3]
     median = statistics.median
     estep = median([r[1] + r[2] for r in rest])
     epoch = median([r[3] for r in rest])

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every bench/ script once at toy sizes: proves each one starts, runs and prints its
+# table from this checkout (issue 4: "the scripts run from a clean clone after
+# pip install -e .[bench]"). Not a benchmark: the numbers it prints mean nothing.
+#
+#   apt-get install -y dataset-fashion-mnist && pip install -e ".[bench]"
+#   bash bench/smoke.sh [OUT]          # OUT defaults to runs/bench_smoke; ~15 min on 2 cores
+#
+# Prints one line per script (exit status, seconds) and exits 1 if any script failed;
+# each script's whole output is in OUT/<name>.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/bench_smoke}
+mkdir -p "$out"
+export TF_CPP_MIN_LOG_LEVEL=2
+failed=0
+summary=()
+
+step() {  # step NAME COMMAND...
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*"
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  local line="$name: exit $rc, $((SECONDS - start)) s"
+  summary+=("$line")
+  echo "   $line; last line: $(grep -v '^\s*$' "$out/$name.log" | tail -n 1 | cut -c1-160)"
+  [ "$rc" -eq 0 ] || failed=1
+}
+
+# Section 1: the train step against the PyTorch peer, and what explains it.
+step matmul_peak_probe python bench/matmul_peak_probe.py --sizes=512 --repeats=1
+step train_step_bench python bench/train_step_bench.py --steps=1 --rounds=1 \
+  --configs=torch_fp32,keras_fp32,keras_xla_fp32,torch_bf16,keras_bf16,keras_bn_bf16
+step profile_train_step python bench/profile_train_step.py --encoder=small_resnet --steps=1 --top=5
+step profile_train_step_symmetric python bench/profile_train_step.py --encoder=small_resnet --steps=1 --top=5 --symmetric
+step conv_bf16_probe python bench/conv_bf16_probe.py --batch=8 --repeats=1
+step encoder_bf16_probe python bench/encoder_bf16_probe.py
+step split_bn_probe python bench/split_bn_probe.py --batch=16 --rounds=1
+
+# Section 2: k-means against faiss and scikit-learn, and the E-step's embedding pass.
+step kmeans_bench python bench/kmeans_bench.py --n=10000 --k=100 --repeats=1 \
+  --methods=keras_pcl,keras_pcl_xla,faiss,sklearn --modes=defaults,fixed
+step kmeans_bench_memory python bench/kmeans_bench.py --n=10000 --k=100 --memory \
+  --methods=keras_pcl,faiss
+step kmeans_ab python bench/kmeans_ab.py --base=HEAD --cases=10000x100 --repeats=1
+step pipeline_probe python bench/pipeline_probe.py --steps=2 --rounds=1
+step embed_compute_probe python bench/embed_compute_probe.py --images=1024 --rounds=1
+step embed_pass_probe python bench/embed_pass_probe.py --images=1024 --rounds=1
+
+# Section 3: the quality table (one tiny PCL v2 row and the two baselines), and the
+# E-step share read from that row's run.
+step quality_table python bench/quality_table.py --epochs=3 --seeds=0 --rows=pcl_v2 \
+  --holdout=2000 --out="$out/quality" \
+  --extra_flags="--steps_per_epoch=3 --warmup_epochs=1 --knn_every=0"
+step estep_share python bench/estep_share.py "$out/quality/pcl_v2_seed0"
+
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit "$failed"
