@@ -8,7 +8,8 @@ so that gap holds both. The E-step time is `estep_embed_seconds +
 estep_cluster_seconds` from `history.json`. Epoch 0 has no start event and is
 skipped; the first E-step includes tracing and is reported apart from the median. With
 `--estep_every` > 1, the share over all epochs from the second E-step on is reported too
-(and returned).
+(and returned). A run with a single E-step has no steady-state share and is left out of
+the range over several runs.
 """
 
 import glob
@@ -56,9 +57,10 @@ def share(run_dir):
     print(f"  first E-step (epoch {first[0]}, with tracing): embed {first[1]:.1f} s + k-means/phi {first[2]:.1f} s "
           f"of a {first[3]:.1f} s epoch = {100 * (first[1] + first[2]) / first[3]:.1f} %")
     if not rest:
-        # The first E-step's tracing would pass for the steady-state cost; say so instead.
+        # The first E-step's tracing would pass for the steady-state cost (here and in the
+        # range over several runs below); say so instead and return no share.
         print("  later E-steps: none (train past the first E-step epoch to measure the share without tracing)")
-        return (first[1] + first[2]) / first[3]
+        return None
     median = statistics.median
     estep = median([r[1] + r[2] for r in rest])
     epoch = median([r[3] for r in rest])
@@ -82,7 +84,7 @@ def share(run_dir):
 def main():
     if len(sys.argv) < 2:
         raise SystemExit("usage: python bench/estep_share.py RUN_DIR [RUN_DIR ...]")
-    shares = [share(run_dir) for run_dir in sys.argv[1:]]
+    shares = [value for value in (share(run_dir) for run_dir in sys.argv[1:]) if value is not None]
     if len(shares) > 1:
         print(f"E-step share over {len(shares)} runs: {100 * min(shares):.1f}-{100 * max(shares):.1f} %")
 
