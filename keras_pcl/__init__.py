@@ -1,14 +1,19 @@
-"""keras_pcl: Prototypical Contrastive Learning (and MoCo) for Keras 3 / TensorFlow.
+"""keras_pcl: Prototypical Contrastive Learning and its family for Keras 3 / TensorFlow.
 
     model = keras_pcl.PCL(backbone, head, num_samples=N, num_clusters=(50, 100))
     model.compile(optimizer="sgd")
-    model.fit(train_ds, epochs=..., callbacks=[keras_pcl.callbacks.PrototypeUpdate(eval_ds)])
+    model.fit(train_ds, epochs=..., callbacks=[keras_pcl.PrototypeUpdate(eval_ds)])
+
+Methods (`keras_pcl.models.METHODS`): MoCo, PCL, SimCLR, BYOL, SimSiam.
 """
 
-from keras_pcl import augment, backbones, callbacks, clustering, data, losses, models
+from keras_pcl import (augment, backbones, callbacks, clustering, data, distributed, errors, losses, models,
+                       optimizers)
 from keras_pcl.callbacks import PrototypeUpdate
-from keras_pcl.models import MoCo, PCL
+from keras_pcl.errors import InvalidInputError
+from keras_pcl.models import BYOL, PCL, MoCo, SimCLR, SimSiam
 
-__version__ = "0.1.0"
-__all__ = ["MoCo", "PCL", "PrototypeUpdate", "augment", "backbones", "callbacks", "clustering",
-           "data", "losses", "models"]
+__version__ = "0.2.0"
+__all__ = ["BYOL", "InvalidInputError", "MoCo", "PCL", "PrototypeUpdate", "SimCLR", "SimSiam", "augment",
+           "backbones", "callbacks", "clustering", "data", "distributed", "errors", "losses", "models",
+           "optimizers"]

@@ -1,4 +1,4 @@
-"""Augmentations: the two layers Keras core lacks, and the PCL/MoCo presets.
+"""Augmentations: the two layers Keras core lacks, and each method's presets.
 
 All layers take batches of float images in `[0, 1]`, shape `[B, H, W, C]`,
 and run inside `tf.data` (the TF backend) or in a model.
@@ -6,6 +6,8 @@ and run inside `tf.data` (the TF backend) or in a model.
 
 import keras
 import tensorflow as tf
+
+from keras_pcl.errors import InvalidInputError
 
 _register = keras.saving.register_keras_serializable(package="keras_pcl")
 
@@ -35,11 +37,11 @@ class RandomResizedCrop(keras.layers.Layer):
                  interpolation="bilinear", seed=None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}.")
+            raise InvalidInputError(f"scale must satisfy 0 < min <= max <= 1, got {scale}.")
         if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}.")
+            raise InvalidInputError(f"ratio must satisfy 0 < min <= max, got {ratio}.")
         if interpolation not in ("bilinear", "nearest"):
-            raise ValueError(f'interpolation must be "bilinear" or "nearest", got {interpolation!r}.')
+            raise InvalidInputError(f'interpolation must be "bilinear" or "nearest", got {interpolation!r}.')
         self.height, self.width = int(height), int(width)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation, self.seed = interpolation, seed
@@ -104,7 +106,7 @@ class RandomApply(keras.layers.Layer):
     def __init__(self, layer, rate=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"rate must be in [0, 1], got {rate}.")
+            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
         self.layer, self.rate, self.seed = layer, float(rate), seed
@@ -176,9 +178,7 @@ def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0)):
 def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0)):
     """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
-    blur = keras.layers.RandomGaussianBlur(
-        factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1)
-    )
+    blur = _blur(image_size)
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
@@ -187,11 +187,61 @@ def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0)):
     )
 
 
-PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2}
+def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), blur=True):
+    """SimCLR's augmentation: crop, flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2)
+    with p=0.8, grayscale 0.2, Gaussian blur p=0.5 (the ImageNet recipe; `blur=False` is
+    its CIFAR form)."""
+    stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
+             + _color_layers(channels, 0.8, 0.8, 0.8, 0.2, jitter_rate=0.8, grayscale_rate=0.2))
+    if blur:
+        stack.append(RandomApply(_blur(image_size), 0.5))
+    return keras.layers.Pipeline(stack, name="simclr_augment")
+
+
+def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
+    """BYOL's two asymmetric view augmentations: both crop, flip, jitter (0.4, 0.4, 0.2, 0.1)
+    p=0.8 and grayscale 0.2; view 1 is always blurred and never solarised, view 2 blurred
+    with p=0.1 and solarised (threshold 0.5) with p=0.2.
+
+    Returns:
+        `[view1_augmentation, view2_augmentation]`.
+    """
+
+    def view(blur_rate, solarize_rate, name):
+        stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
+                 + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
+                 + [RandomApply(_blur(image_size), blur_rate)])
+        if solarize_rate:
+            solarize = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
+            stack.append(RandomApply(solarize, solarize_rate))
+        return keras.layers.Pipeline(stack, name=name)
+
+    return [view(1.0, 0.0, "byol_view1_augment"), view(0.1, 0.2, "byol_view2_augment")]
+
+
+def _blur(image_size):
+    return keras.layers.RandomGaussianBlur(
+        factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1))
+
+
+PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr}
+VIEW_PRESETS = ("byol",)
 
 
 def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0)):
-    """Looks up a preset by name: one of `PRESETS`."""
+    """Looks up a one-augmentation preset by name: one of `PRESETS`."""
     if name not in PRESETS:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
+        raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name](image_size, channels, crop_scale)
+
+
+def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2):
+    """The augmentation of each of `num_views` views for a preset: the same layer for
+    every view (one of `PRESETS`), or BYOL's two asymmetric ones (`"byol"`)."""
+    if name == "byol":
+        if num_views != 2:
+            raise InvalidInputError(f"the byol augmentation makes 2 views, {num_views} were asked for.")
+        return byol_views(image_size, channels, crop_scale)
+    if name not in PRESETS:
+        raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + list(VIEW_PRESETS)}.")
+    return [get_preset(name, image_size, channels, crop_scale)] * num_views

@@ -19,6 +19,9 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from keras_pcl.errors import InvalidInputError
+from keras_pcl.models import heads
+
 _register = keras.saving.register_keras_serializable(package="keras_pcl")
 
 NORMS = ("split", "batch", "sync_batch", "none")
@@ -51,16 +54,16 @@ class SplitBatchNormalization(keras.layers.Layer):
     def __init__(self, num_splits=8, momentum=0.9, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+            raise InvalidInputError(f"num_splits must be >= 1, got {num_splits}.")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+            raise InvalidInputError(f"momentum must be in [0, 1), got {momentum}.")
         if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}.")
+            raise InvalidInputError(f"epsilon must be > 0, got {epsilon}.")
         self.num_splits, self.momentum, self.epsilon = int(num_splits), momentum, epsilon
 
     def build(self, input_shape):
         if not 2 <= len(input_shape) <= 4:
-            raise ValueError(f"SplitBatchNormalization takes inputs of rank 2 to 4, got shape {input_shape}.")
+            raise InvalidInputError(f"SplitBatchNormalization takes inputs of rank 2 to 4, got shape {input_shape}.")
         channels = (input_shape[-1],)
         # Float32 parameters and statistics, read as float32 under mixed precision (the
         # fused kernel takes float32 scale and offset with bfloat16 activations).
@@ -130,7 +133,7 @@ def normalization(norm, num_splits=8, name=None):
         return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True, name=name)
     if norm == "none":
         return layers.Identity(name=name)
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+    raise InvalidInputError(f"norm must be one of {NORMS}, got {norm!r}.")
 
 
 def _conv(filters, kernel, stride, name):
@@ -231,16 +234,14 @@ def small_cnn(input_shape=(8, 8, 1), width=32, norm="split", num_splits=2):
 
 
 def linear_head(embedding_dim=128, name="linear_head"):
-    """PCL/MoCo v1 head: one linear layer to `embedding_dim`."""
-    return keras.Sequential([layers.Dense(embedding_dim, name="fc")], name=name)
+    """PCL/MoCo v1 head: one linear layer to `embedding_dim` (`keras_pcl.models.heads.mlp`)."""
+    return heads.mlp(embedding_dim, (), name=name)
 
 
 def mlp_head(embedding_dim=128, hidden_dim=2048, name="mlp_head"):
-    """PCL/MoCo v2 head: Linear(hidden) -> ReLU -> Linear(embedding_dim), no BatchNorm."""
-    return keras.Sequential(
-        [layers.Dense(hidden_dim, activation="relu", name="fc1"), layers.Dense(embedding_dim, name="fc2")],
-        name=name,
-    )
+    """PCL/MoCo v2 head: Linear(hidden) -> ReLU -> Linear(embedding_dim), no BatchNorm
+    (`keras_pcl.models.heads.mlp`)."""
+    return heads.mlp(embedding_dim, (hidden_dim,), name=name)
 
 
 BACKBONES = {"small_cnn": small_cnn, "small_resnet": small_resnet, "resnet18": resnet18,

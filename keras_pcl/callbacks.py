@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import clustering
+from keras_pcl.errors import InvalidInputError
 
 
 def embedding_step(embed_fn):
@@ -73,10 +74,10 @@ def embed_dataset(embed_fn, dataset, num_samples, strategy=None, verbose=0, step
     seen = np.zeros(num_samples, bool)
     index_np = index.numpy()
     if index_np.min() < 0 or index_np.max() >= num_samples:
-        raise ValueError(f"dataset indices must lie in [0, {num_samples}); got {index_np.min()}..{index_np.max()}.")
+        raise InvalidInputError(f"dataset indices must lie in [0, {num_samples}); got {index_np.min()}..{index_np.max()}.")
     seen[index_np] = True
     if not seen.all():
-        raise ValueError(
+        raise InvalidInputError(
             f"the E-step dataset covered {seen.sum()} of {num_samples} samples; pass the whole "
             "training set, unshuffled and without dropping the last batch (keras_pcl.data.eval_dataset)."
         )
@@ -120,7 +121,7 @@ class PrototypeUpdate(keras.callbacks.Callback):
                  init="random", alpha=10.0, jit_compile="auto", seed=0, verbose=1):
         super().__init__()
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+            raise InvalidInputError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
         self.dataset, self.every_n_epochs = dataset, int(every_n_epochs)
         self.kmeans_options = dict(num_iters=int(num_iters), num_restarts=int(num_restarts),
                                    tol=float(tol), init=init)
@@ -157,6 +158,11 @@ class PrototypeUpdate(keras.callbacks.Callback):
     def run_estep(self):
         """Embeds, clusters and updates the model now; returns the per-granularity results."""
         model = self.model
+        from keras_pcl.models.pcl import PCL
+
+        if not isinstance(model, PCL):
+            raise InvalidInputError(f"PrototypeUpdate is PCL's E-step; a {type(model).__name__} has no k-means "
+                                    "prototypes to update. Drop the callback or train keras_pcl.PCL.")
         if self._estep_fn is None:  # traced once, reused by every E-step
             self._estep_fn = self._compiled_estep(model)
             self._embed_step = embedding_step(model.embed_keys)
@@ -301,8 +307,8 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
     the last good checkpoint stays the newest.
 
     Args:
-        terms: log keys checked besides "loss" (default: every key ending in
-            "nce", i.e. the model's loss terms).
+        terms: log keys checked besides "loss" (default: the loss terms the
+            model declares, `model.loss_names`).
     """
 
     def __init__(self, terms=None):
@@ -315,7 +321,7 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        terms = self.terms or sorted(k for k in logs if k == "loss" or k.endswith("nce"))
+        terms = ("loss",) + tuple(self.terms or self.model.loss_names)
         bad = [k for k in terms if k in logs and not np.isfinite(float(logs[k]))]
         if bad:
             step = int(self.model.optimizer.iterations.numpy())

@@ -25,6 +25,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from keras_pcl.errors import InvalidInputError
 from keras_pcl.hashing import hashed_permutation, hashed_uniform
 
 # faiss's relative perturbation when splitting a cluster to fill an empty one.
@@ -56,7 +57,7 @@ def resolve_jit_compile(jit_compile, num_clusters=None, num_points=None):
                 and num_clusters <= _CPU_XLA_MAX_CLUSTERS and num_points >= _CPU_XLA_MIN_POINTS)
     if jit_compile in (True, False):
         return jit_compile
-    raise ValueError(f'jit_compile must be "auto", True or False, got {jit_compile!r}.')
+    raise InvalidInputError(f'jit_compile must be "auto", True or False, got {jit_compile!r}.')
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,9 +252,9 @@ def kmeans_graph(
     features = tf.convert_to_tensor(features, tf.float32)
     num_points = features.shape[0]
     if num_points is None:
-        raise ValueError("kmeans needs a static number of points.")
+        raise InvalidInputError("kmeans needs a static number of points.")
     if not 1 <= num_clusters <= num_points:
-        raise ValueError(
+        raise InvalidInputError(
             f"num_clusters={num_clusters} must be between 1 and the number of points ({num_points})."
         )
     tile_size = int(min(tile_size, max(num_points, 1)))
@@ -348,20 +349,20 @@ def kmeans(
         Centroids are cluster means (not re-normalised). Numpy in, numpy out.
     """
     if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters}.")
+        raise InvalidInputError(f"num_iters must be >= 1, got {num_iters}.")
     if num_restarts < 1:
-        raise ValueError(f"num_restarts must be >= 1, got {num_restarts}.")
+        raise InvalidInputError(f"num_restarts must be >= 1, got {num_restarts}.")
     if isinstance(init, str):
         if init not in ("random", "k-means++"):
-            raise ValueError(f'init must be "random", "k-means++" or a [K, d] array, got {init!r}.')
+            raise InvalidInputError(f'init must be "random", "k-means++" or a [K, d] array, got {init!r}.')
     else:
         init = np.asarray(init, np.float32)
         if init.shape != (num_clusters, np.shape(features)[1]):
-            raise ValueError(f"init centroids must have shape ({num_clusters}, d), got {init.shape}.")
+            raise InvalidInputError(f"init centroids must have shape ({num_clusters}, d), got {init.shape}.")
         if num_restarts != 1:
-            raise ValueError("explicit init centroids allow only num_restarts=1.")
+            raise InvalidInputError("explicit init centroids allow only num_restarts=1.")
     if not 0.0 <= tol < 1.0:
-        raise ValueError(f"tol must be in [0, 1), got {tol}.")
+        raise InvalidInputError(f"tol must be in [0, 1), got {tol}.")
     jit = resolve_jit_compile(jit_compile, int(num_clusters), int(np.shape(features)[0]))
     options = dict(
         num_clusters=int(num_clusters),
@@ -423,7 +424,7 @@ def concentration(features, centroids, assignments, temperature=0.2, alpha=10.0)
         `[K]` float32 phi (numpy if `features` is numpy).
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise InvalidInputError(f"temperature must be > 0, got {temperature}.")
     as_numpy = not tf.is_tensor(features)
     features = tf.convert_to_tensor(features, tf.float32)
     centroids = tf.convert_to_tensor(centroids, tf.float32)

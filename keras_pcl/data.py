@@ -1,6 +1,7 @@
 """From image arrays to the tf.data pipelines that `fit` and the E-step expect.
 
-* `contrastive_dataset`: `((view1, view2), index)` batches for training;
+* `multiview_dataset`: `{"views": (v_1, ..., v_n), "index", "labels"}` batches for
+  training, one augmentation per view; `contrastive_dataset`: its two-view form;
 * `eval_dataset`: `(image, index)` batches in index order, the evaluation
   transform (no augmentation), for the E-step and for feature extraction;
 * `load_digits`: scikit-learn's bundled digits, the embedded offline default.
@@ -13,6 +14,8 @@ float in `[0, 1]`; pipelines feed float32 in `[0, 1]`.
 import numpy as np
 import tensorflow as tf
 
+from keras_pcl.errors import InvalidInputError
+
 
 def as_image_array(images):
     """Validates an image array and returns it as `[N, H, W, C]`.
@@ -23,13 +26,13 @@ def as_image_array(images):
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"images must be a non-empty array [N, H, W, C] or [N, H, W], got shape {images.shape}."
         )
     if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {images.shape[-1]}.")
+        raise InvalidInputError(f"images must have 1 or 3 channels, got {images.shape[-1]}.")
     if images.dtype.kind == "f" and not np.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf values; clean or drop those images first.")
+        raise InvalidInputError("images contain NaN or Inf values; clean or drop those images first.")
     return images
 
 
@@ -40,18 +43,43 @@ def to_float(images):
     return tf.cast(images, tf.float32)
 
 
-def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augment_view2=None, epochs=None,
-                        initial_epoch=0, steps_per_epoch=None):
-    """Training pipeline: two augmented views of each image and its index.
+def check_labels(labels, count, num_classes=None):
+    """Validates training labels: `[count]` integers in `[0, num_classes)` (one-line errors).
+
+    Returns:
+        int32 array `[count]`.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        raise InvalidInputError(f"labels must be a vector of one label per image ({count}), got shape {labels.shape}.")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+        raise InvalidInputError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+    if count and labels.min() < 0:
+        raise InvalidInputError(f"labels must be class ids >= 0, found {labels.min()}.")
+    if num_classes is not None and count and labels.max() >= num_classes:
+        raise InvalidInputError(f"label {labels.max()} is out of range for {num_classes} classes (ids 0..{num_classes - 1}).")
+    return labels.astype(np.int32)
+
+
+def multiview_dataset(images, augmentations, batch_size, labels=None, shuffle=True, seed=0, epochs=None,
+                      initial_epoch=0, steps_per_epoch=None):
+    """Training pipeline: any number of augmented views of each image, its index, optionally its label.
+
+    Yields the batches every keras_pcl model trains on:
+    `{"views": (v_1, ..., v_n), "index": [B] int32}` plus `"labels": [B] int32`
+    when `labels` are given. View `i` is `augmentations[i]` applied to the
+    batch; pass the same layer several times for several views of one group
+    (each call draws its own randomness), e.g. SwAV's
+    `[large, large] + [small] * 6`. Views may differ in size.
 
     Args:
         images: `[N, H, W, C]` array.
-        augment: a Keras layer (e.g. `keras_pcl.augment.pcl_v2(...)`) mapping
-            a float `[0, 1]` batch to one augmented view; called twice.
+        augmentations: a list of Keras layers mapping a float `[0, 1]` batch to
+            one view each (e.g. `keras_pcl.augment.pcl_v2(...)`).
         batch_size: per-step batch (the global batch under a strategy).
-            Remainders are dropped: MoCo's queue needs a fixed batch size.
+            Remainders are dropped: queues need a fixed batch size.
+        labels: optional `[N]` integer class ids (supervised methods).
         shuffle: reshuffle every epoch.
-        augment_view2: a different augmentation for view 2 (default: `augment`).
         epochs: `None` (default): one epoch per pass over the dataset, augmented
             in parallel; not bit-reproducible. An int: the pipeline of epochs
             `initial_epoch .. epochs - 1` back to back, where the order of epoch
@@ -63,33 +91,65 @@ def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augme
         steps_per_epoch: cap on the steps of each epoch (with `epochs`).
 
     Returns:
-        `tf.data.Dataset` of `((view1, view2), index)`, index int32 `[B]`.
+        `tf.data.Dataset` of batch dicts.
     """
     images = as_image_array(images)
+    augmentations = list(augmentations)
+    if not augmentations:
+        raise InvalidInputError("augmentations is empty; pass one augmentation layer per view.")
     if batch_size < 1 or batch_size > len(images):
-        raise ValueError(
+        raise InvalidInputError(
             f"batch_size={batch_size} must be between 1 and the number of images ({len(images)}); "
             "use a smaller batch size."
         )
-    augment_view2 = augment_view2 or augment
+    if labels is not None:
+        labels = check_labels(labels, len(images))
     if epochs is not None:
-        return _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, seed, epochs,
+        return _reproducible_epochs(images, augmentations, labels, batch_size, shuffle, seed, epochs,
                                     initial_epoch, steps_per_epoch)
-    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(len(images), dtype=np.int32)))
+    ds = tf.data.Dataset.from_tensor_slices(np.arange(len(images), dtype=np.int32))
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    pixels = tf.constant(images)
+    label_table = None if labels is None else tf.constant(labels)
     ds = ds.batch(batch_size, drop_remainder=True)
 
-    def two_views(batch, index):
-        batch = to_float(batch)
-        return (augment(batch, training=True), augment_view2(batch, training=True)), index
+    def views(index):
+        return _views_batch(pixels, label_table, index, augmentations)
 
-    return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, seed, epochs, initial_epoch,
+def _views_batch(pixels, label_table, index, augmentations):
+    batch = to_float(tf.gather(pixels, index))
+    element = {"views": tuple(augment(batch, training=True) for augment in augmentations), "index": index}
+    if label_table is not None:
+        element["labels"] = tf.gather(label_table, index)
+    return element
+
+
+def contrastive_dataset(images, augment, batch_size, shuffle=True, seed=0, augment_view2=None, epochs=None,
+                        initial_epoch=0, steps_per_epoch=None, labels=None):
+    """Two augmented views of each image and its index: `multiview_dataset` with
+    `[augment, augment_view2 or augment]` (MoCo, PCL, SimCLR, BYOL, SimSiam).
+
+    Args:
+        augment: a Keras layer mapping a float `[0, 1]` batch to one augmented view.
+        augment_view2: a different augmentation for view 2 (default: `augment`),
+            e.g. BYOL's asymmetric blur and solarisation.
+        Others: as in `multiview_dataset`.
+
+    Returns:
+        `tf.data.Dataset` of `{"views": (view1, view2), "index": [B]}` (plus `"labels"`).
+    """
+    return multiview_dataset(images, [augment, augment_view2 or augment], batch_size, labels=labels,
+                             shuffle=shuffle, seed=seed, epochs=epochs, initial_epoch=initial_epoch,
+                             steps_per_epoch=steps_per_epoch)
+
+
+def _reproducible_epochs(images, augmentations, labels, batch_size, shuffle, seed, epochs, initial_epoch,
                          steps_per_epoch):
-    """`contrastive_dataset` with `epochs`: every random draw is a function of (seed, epoch, step).
+    """`multiview_dataset` with `epochs`: every random draw is a function of (seed, epoch, step).
 
     Keras augmentation layers draw from `SeedGenerator` states (variables). Each
     batch first sets every state from a stateless hash of (seed, epoch, step),
@@ -99,7 +159,8 @@ def _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, se
     count = len(images)
     steps = count // batch_size if not steps_per_epoch else min(count // batch_size, steps_per_epoch)
     pixels = tf.constant(images)
-    states = list({id(v): v for layer in (augment, augment_view2) for v in layer.variables
+    label_table = None if labels is None else tf.constant(labels)
+    states = list({id(v): v for layer in augmentations for v in layer.variables
                    if "seed_generator_state" in v.path}.values())
 
     def epoch_batches(epoch):
@@ -108,21 +169,19 @@ def _reproducible_epochs(images, augment, augment_view2, batch_size, shuffle, se
         index = tf.reshape(order[: steps * batch_size], [steps, batch_size])
         return tf.data.Dataset.from_tensor_slices(index).enumerate().map(lambda step, i: (epoch, step, i))
 
-    def two_views(epoch, step, index):
+    def views(epoch, step, index):
         batch_seed = tf.stack([tf.constant(seed, tf.int64), epoch * (2**32) + step])
         fresh = tf.random.stateless_uniform([max(1, len(states)), 2], batch_seed, minval=None, maxval=None,
                                             dtype=tf.int64)
         reseeds = [state.assign(tf.cast(fresh[i], state.dtype)) for i, state in enumerate(states)]
         with tf.control_dependencies(reseeds):
-            batch = to_float(tf.gather(pixels, index))
-            views = (augment(batch, training=True), augment_view2(batch, training=True))
-        return views, index
+            return _views_batch(pixels, label_table, index, augmentations)
 
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = False
     ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
-    ds = ds.map(lambda epoch, step, index: two_views(epoch, step, tf.cast(index, tf.int32)))
+    ds = ds.map(lambda epoch, step, index: views(epoch, step, tf.cast(index, tf.int32)))
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
@@ -191,9 +250,9 @@ def holdout_split(split, count, seed=0):
     """
     total = len(split.train_images)
     if not 0 < count < total:
-        raise ValueError(f"holdout count {count} must be between 1 and {total - 1} (the training images minus one).")
+        raise InvalidInputError(f"holdout count {count} must be between 1 and {total - 1} (the training images minus one).")
     if split.train_labels is None:
-        raise ValueError(f"dataset {split.name!r} has no labels to evaluate a held-out set with; drop the holdout.")
+        raise InvalidInputError(f"dataset {split.name!r} has no labels to evaluate a held-out set with; drop the holdout.")
     order = np.random.default_rng(seed).permutation(total)
     held, kept = np.sort(order[:count]), np.sort(order[count:])
     return Split(f"{split.name}[holdout {count}]", split.train_images[kept], split.train_labels[kept],
@@ -212,12 +271,12 @@ def read_idx(path):
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file.")
+        raise InvalidInputError(f"{path} is not an unsigned-byte idx file.")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
+        raise InvalidInputError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
     return body.reshape(dims)
 
 
@@ -278,11 +337,11 @@ def npz_source(path, test_fraction=0.2, seed=0):
         raise FileNotFoundError(f"npz file {path!r} does not exist.")
     with np.load(path) as arrays:
         if "x" not in arrays:
-            raise ValueError(f"{path} has no array named 'x' (found {sorted(arrays.files)}); save images as x=...")
+            raise InvalidInputError(f"{path} has no array named 'x' (found {sorted(arrays.files)}); save images as x=...")
         images = as_image_array(arrays["x"])
         labels = arrays["y"].reshape(-1) if "y" in arrays else None
     if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{path}: x has {len(images)} images but y has {len(labels)} labels.")
+        raise InvalidInputError(f"{path}: x has {len(images)} images but y has {len(labels)} labels.")
     if images.dtype != np.uint8:
         images = np.clip(np.round(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return Split(f"npz:{path}", *_random_split(images, labels, test_fraction, seed), notes=path)
@@ -309,7 +368,7 @@ def folder_source(path, image_size, test_fraction=0.2, seed=0):
         if not name.startswith(".")
     )
     if not files:
-        raise ValueError(f"image folder {path!r} is empty; put images (or class sub-folders of images) in it.")
+        raise InvalidInputError(f"image folder {path!r} is empty; put images (or class sub-folders of images) in it.")
     images, classes, skipped, modes = [], [], 0, set()
     for file in files:
         try:
@@ -323,7 +382,7 @@ def folder_source(path, image_size, test_fraction=0.2, seed=0):
         relative = os.path.relpath(os.path.dirname(file), path)
         classes.append(relative.split(os.sep)[0] if relative != "." else "")
     if not images:
-        raise ValueError(f"none of the {len(files)} files in {path!r} is a readable image.")
+        raise InvalidInputError(f"none of the {len(files)} files in {path!r} is a readable image.")
     grayscale = modes == {"L"}
     array = np.stack([np.asarray(im.convert("L"))[..., None] if grayscale else np.asarray(im) for im in images])
     names = sorted(set(classes))
@@ -367,4 +426,4 @@ def load_dataset(spec, image_size=None, seed=0):
         return npz_source(argument, seed=seed)
     if kind == "tfds" and argument:
         return tfds_source(argument)
-    raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}.")
+    raise InvalidInputError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}.")

@@ -1,14 +1,16 @@
-"""SavedModel export for serving: preprocessing inside, `embed` and `assign` signatures.
+"""SavedModel export for serving: preprocessing inside, one signature per endpoint the model declares.
 
     export_saved_model(model, "out/saved_model")
     served = tf.saved_model.load("out/saved_model")
-    served.embed(images)    # {"features": [B, D]}, L2-normalised backbone features
-    served.assign(images)   # PCL only: {"prototype": [B, M] int32, "similarity": [B, M]}
+    served.embed(images)    # every method: {"features": [B, D]}, L2-normalised backbone features
+    served.assign(images)   # models with prototypes (PCL): {"prototype": [B, M] int32, "similarity": [B, M]}
 
 Images are uint8 `[B, H, W, C]` in `[0, 255]`, any size: they are resized to
-the encoder's input size inside the graph. `assign` gives, per granularity,
-the nearest prototype of the momentum encoder's embedding (the encoder the
-prototypes were clustered with) and its cosine similarity.
+the encoder's input size inside the graph. The endpoints are the model's
+`serving_endpoints()`: `embed` for all; `assign` for a model with a
+`prototype_space()` gives, per set of prototypes, the nearest prototype of
+the embedding and its cosine similarity (for PCL, the momentum encoder's
+embedding, the one its prototypes were clustered with).
 """
 
 import os
@@ -24,15 +26,22 @@ def _preprocess(images, height, width):
     return tf.image.resize(images, [height, width])
 
 
+def _with_preprocessing(endpoint, height, width):
+    def serve(images):
+        return endpoint(_preprocess(images, height, width))
+
+    return serve
+
+
 def export_saved_model(model, path, overwrite=True):
-    """Writes `model` (MoCo or PCL) as a SavedModel at `path`, atomically.
+    """Writes `model` as a SavedModel at `path`, atomically.
 
     The archive is written to a temporary sibling folder and renamed into
     place, so `path` never holds a half-written export; an existing export
     is replaced only once the new one is complete.
 
     Args:
-        model: a `keras_pcl.MoCo` or `keras_pcl.PCL`.
+        model: a `keras_pcl.models.ContrastiveModel` (any method).
         path: target folder.
         overwrite: replace an existing folder at `path`.
 
@@ -47,23 +56,10 @@ def export_saved_model(model, path, overwrite=True):
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    def embed(images):
-        features = model.backbone(_preprocess(images, height, width), training=False)
-        return {"features": tf.math.l2_normalize(tf.cast(features, tf.float32), axis=1)}
-
-    archive.add_endpoint("embed", embed, input_signature=[signature])
-    archive.add_endpoint("serve", embed, input_signature=[signature])
-    if hasattr(model, "prototypes"):
-        def assign(images):
-            keys = model.embed_keys(_preprocess(images, height, width), training=False)
-            ids, similarities = [], []
-            for prototypes in model.prototypes:
-                scores = tf.matmul(keys, tf.cast(prototypes, keys.dtype), transpose_b=True)
-                ids.append(tf.argmax(scores, axis=1, output_type=tf.int32))
-                similarities.append(tf.reduce_max(scores, axis=1))
-            return {"prototype": tf.stack(ids, axis=1), "similarity": tf.stack(similarities, axis=1)}
-
-        archive.add_endpoint("assign", assign, input_signature=[signature])
+    # Each endpoint the model declares, behind the same preprocessing; `serve` is `embed`.
+    endpoints = model.serving_endpoints()
+    for name, endpoint in list(endpoints.items()) + [("serve", endpoints["embed"])]:
+        archive.add_endpoint(name, _with_preprocessing(endpoint, height, width), input_signature=[signature])
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)

@@ -135,3 +135,71 @@ def sampled_proto_nce(query, prototypes, concentration, assignments, num_negativ
     # Target: the first column holding the sample's own prototype.
     targets = tf.argmax(tf.cast(same, tf.int32), axis=1, output_type=tf.int32)
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+
+
+def nt_xent_logits(z1, z2, temperature, all_z1=None, all_z2=None, offset=0):
+    """Masked logits and positive columns of NT-Xent (see `nt_xent`).
+
+    Args:
+        z1, z2: `[B, d]` embeddings of the two views (L2-normalised here).
+        temperature: positive float `T`.
+        all_z1, all_z2: `[N, d]` embeddings of the whole global batch (under a
+            strategy, gathered from every replica; these rows include `z1`,
+            `z2`). None: the batch is `z1`, `z2` themselves.
+        offset: row of `z1[0]` within `all_z1` (replica id times `B`).
+
+    Returns:
+        `(logits [2B, 2N], positives [2B])`: row `a` of `[z1; z2]` against every
+        row of `[all_z1; all_z2]` divided by `T`, its own column set to -1e9
+        (removed from the softmax), and the column of its positive.
+    """
+    z1, z2 = tf.math.l2_normalize(_f32(z1), axis=-1), tf.math.l2_normalize(_f32(z2), axis=-1)
+    if all_z1 is None:
+        all_z1, all_z2 = z1, z2
+    else:
+        all_z1, all_z2 = tf.math.l2_normalize(_f32(all_z1), -1), tf.math.l2_normalize(_f32(all_z2), -1)
+    batch, total = tf.shape(z1)[0], tf.shape(all_z1)[0]
+    anchors = tf.concat([z1, z2], axis=0)
+    candidates = tf.concat([all_z1, all_z2], axis=0)
+    logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
+    rows = offset + tf.range(batch)
+    own = tf.concat([rows, total + rows], axis=0)
+    positives = tf.concat([total + rows, rows], axis=0)
+    is_own = tf.one_hot(own, 2 * total, on_value=True, off_value=False)
+    logits = tf.where(is_own, tf.constant(-1e9, tf.float32), logits)
+    return logits, positives
+
+
+def nt_xent(z1, z2, temperature):
+    """NT-Xent of SimCLR (Chen et al., 2020) over the 2B views of a batch.
+
+    Row i of `[z1; z2]` (L2-normalised inside) is contrasted with the other
+    `2B - 1` rows: its positive is the other view of the same image, every
+    other row (same view or not) a negative. Its mean is SimCLR's loss.
+
+    Args:
+        z1, z2: `[B, d]` embeddings of the two views of the same B images.
+        temperature: positive float `T`.
+
+    Returns:
+        `[2B]` loss `-log softmax_{j != i}(z_i . z_j / T)[positive(i)]`.
+    """
+    logits, positives = nt_xent_logits(z1, z2, temperature)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positives, logits=logits)
+
+
+def negative_cosine(p, z):
+    """`-cos(p, z)` per sample, with the gradient stopped on `z` (BYOL, SimSiam).
+
+    BYOL's `2 - 2 cos(p, z)` is `2 + 2 * negative_cosine(p, z)`.
+
+    Args:
+        p: `[B, d]` predictions.
+        z: `[B, d]` targets (no gradient flows into them).
+
+    Returns:
+        `[B]` loss in `[-1, 1]`.
+    """
+    p = tf.math.l2_normalize(_f32(p), axis=-1)
+    z = tf.math.l2_normalize(tf.stop_gradient(_f32(z)), axis=-1)
+    return -tf.reduce_sum(p * z, axis=-1)

@@ -80,13 +80,17 @@ def embedding_scatter(features, labels, path, max_points=2000, seed=0, title="t-
     return _save(figure, path)
 
 
-def training_curves(history, path, keys=("loss", "info_nce", "proto_nce", "instance_acc", "proto_acc",
-                                         "val_knn_top1", "learning_rate")):
+def training_curves(history, path, keys=None):
     """One panel per logged quantity present in `history` (a Keras History dict).
+
+    `keys`: the quantities to draw, in order (the runner passes the model's
+    declared loss terms and metrics, the kNN monitor and the learning rate);
+    None draws every key of `history` but `epoch`.
 
     `history["epoch"]`, when present, gives the x values; None entries (epochs
     where a quantity was not measured) are skipped.
     """
+    keys = [k for k in history if k != "epoch"] if keys is None else keys
     present = [k for k in keys if k in history and any(v is not None for v in history[k])]
     figure, axes = plt.subplots(1, max(1, len(present)), figsize=(3.2 * max(1, len(present)), 2.8),
                                 squeeze=False)

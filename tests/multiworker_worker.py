@@ -45,7 +45,7 @@ if len(sys.argv) > 2:
     fit_callbacks.append(checkpoint)
     print(f"starting at epoch {initial_epoch}", flush=True)
 history = model.fit(train, epochs=epochs, initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0).history
-np.savez(sys.argv[1], queue=model.queue.numpy(), pointer=model.queue_pointer.numpy(),
+np.savez(sys.argv[1], queue=model.queue.keys.numpy(), pointer=model.queue.pointer.numpy(),
          bank=model.feature_bank.numpy(),
          assignments=model.assignments.numpy(), proto_nce=np.array(history["proto_nce"], np.float64),
          **{f"prototypes_{m}": p.numpy() for m, p in enumerate(model.prototypes)},

@@ -15,10 +15,10 @@ def test_contrastive_dataset_yields_two_views_and_indices(digits):
     ds = data.contrastive_dataset(images, augment.pcl_v2(8, 1), 32, shuffle=True)
     batches = list(ds)
     assert len(batches) == 3  # the remainder is dropped
-    (view1, view2), index = batches[0]
+    (view1, view2), index = batches[0]["views"], batches[0]["index"]
     assert view1.shape == view2.shape == (32, 8, 8, 1)
     assert not np.allclose(view1.numpy(), view2.numpy())
-    seen = np.concatenate([b[1].numpy() for b in batches])
+    seen = np.concatenate([b["index"].numpy() for b in batches])
     assert len(set(seen)) == 96 and seen.max() < 100
 
 
@@ -31,16 +31,16 @@ def test_reproducible_epochs_depend_only_on_seed_epoch_and_step(digits):
 
     full, resumed = batches(0), batches(2)
     assert len(full) == 12 and len(resumed) == 4  # 4 steps per epoch
-    for (views, index), (views_again, index_again) in zip(full[8:], resumed):
-        np.testing.assert_array_equal(index, index_again)
-        np.testing.assert_array_equal(views[0], views_again[0])
-        np.testing.assert_array_equal(views[1], views_again[1])
-    (view1, view2), index = full[0]
+    for batch, again in zip(full[8:], resumed):
+        np.testing.assert_array_equal(batch["index"], again["index"])
+        np.testing.assert_array_equal(batch["views"][0], again["views"][0])
+        np.testing.assert_array_equal(batch["views"][1], again["views"][1])
+    view1, view2 = full[0]["views"]
     assert not np.array_equal(view1, view2)  # two different augmentations of the same images
-    assert not np.array_equal(full[0][1], full[4][1])  # each epoch has its own order
-    assert sorted(np.concatenate([b[1] for b in full[:4]])) == list(range(256))
+    assert not np.array_equal(full[0]["index"], full[4]["index"])  # each epoch has its own order
+    assert sorted(np.concatenate([b["index"] for b in full[:4]])) == list(range(256))
     other_seed = batches(2, seed=4)[0]
-    assert not np.array_equal(other_seed[1], resumed[0][1])
+    assert not np.array_equal(other_seed["index"], resumed[0]["index"])
 
 
 def test_eval_dataset_keeps_index_order(digits):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import keras_pcl
 from keras_pcl import augment, backbones, data
+from keras_pcl.models import Batch
 
 
 def tiny_pcl(num_samples, **kwargs):
@@ -42,16 +43,16 @@ def fixed_views(images, batch_size=32):
 def test_enqueue_wraps_around():
     model = tiny_moco(queue_size=6)
     first, second = np.ones((4, 16), np.float32), 2 * np.ones((4, 16), np.float32)
-    model._enqueue(tf.constant(first[:2]))  # pointer 0 -> 2
-    model._enqueue(tf.constant(first[:2]))  # 2 -> 4
-    model._enqueue(tf.constant(second[:2]))  # fills rows 4, 5 and wraps to 0
-    queue = model.queue.numpy()
-    assert int(model.queue_pointer.numpy()) == 0
+    model.queue.enqueue(tf.constant(first[:2]))  # pointer 0 -> 2
+    model.queue.enqueue(tf.constant(first[:2]))  # 2 -> 4
+    model.queue.enqueue(tf.constant(second[:2]))  # fills rows 4, 5 and wraps to 0
+    queue = model.queue.keys.numpy()
+    assert int(model.queue.pointer.numpy()) == 0
     np.testing.assert_array_equal(queue[:4], 1.0)
     np.testing.assert_array_equal(queue[4:], 2.0)
-    model._enqueue(tf.constant(3 * first[:2]))
-    np.testing.assert_array_equal(model.queue.numpy()[:2], 3.0)
-    assert int(model.queue_pointer.numpy()) == 2
+    model.queue.enqueue(tf.constant(3 * first[:2]))
+    np.testing.assert_array_equal(model.queue.keys.numpy()[:2], 3.0)
+    assert int(model.queue.pointer.numpy()) == 2
 
 
 def test_queue_must_be_a_multiple_of_the_batch(digits):
@@ -86,8 +87,8 @@ def test_momentum_update_is_an_ema(digits):
     model = tiny_moco(momentum=0.75)
     model.compile(optimizer=keras.optimizers.SGD(0.5))
     query_weights = lambda: [w.numpy() for w in model.backbone.trainable_weights + model.head.trainable_weights]
-    key_weights = lambda: [k.numpy() for _, k in keras_pcl.models.moco.ema_pairs(model.backbone, model.key_backbone)
-                           + keras_pcl.models.moco.ema_pairs(model.head, model.key_head)]
+    key_weights = lambda: [k.numpy() for _, k in keras_pcl.models.momentum.ema_pairs(model.backbone, model.key_backbone)
+                           + keras_pcl.models.momentum.ema_pairs(model.head, model.key_head)]
     before = key_weights()
     for q, k in zip(query_weights(), before):
         np.testing.assert_array_equal(q, k)  # the key encoder starts as a copy
@@ -114,9 +115,9 @@ def test_keys_are_enqueued_after_each_step(digits):
     images = digits[0][:96]
     model.fit(fixed_views(images), epochs=1, verbose=0)  # 3 steps of 32: wraps once
     keys = model.embed_keys(data.to_float(images), training=True).numpy()
-    assert int(model.queue_pointer.numpy()) == 32
-    np.testing.assert_allclose(model.queue.numpy()[:32], keys[64:], atol=1e-5)
-    np.testing.assert_allclose(model.queue.numpy()[32:], keys[32:64], atol=1e-5)
+    assert int(model.queue.pointer.numpy()) == 32
+    np.testing.assert_allclose(model.queue.keys.numpy()[:32], keys[64:], atol=1e-5)
+    np.testing.assert_allclose(model.queue.keys.numpy()[32:], keys[32:64], atol=1e-5)
 
 
 def test_feature_bank_holds_each_samples_latest_training_key(digits):
@@ -187,21 +188,21 @@ def test_symmetric_averages_both_views_as_queries(digits, symmetric):
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     estep_update(model, images).run_estep()
     view1, view2, index = data.to_float(images[:32]), data.to_float(images[32:]), tf.range(32)
-    terms, _ = model.forward((view1, view2), index, training=False)
+    terms, _ = model.forward(Batch((view1, view2), index), training=False)
     q1, q2 = model.embed(view1), model.embed(view2)
     k1, k2 = model.embed_keys(view1), model.embed_keys(view2)
     directions = [(q1, k2), (q2, k1)] if symmetric else [(q1, k2)]
-    want_info = np.mean([keras_pcl.losses.info_nce(q, k, model.queue, model.temperature) for q, k in directions], 0)
+    want_info = np.mean([keras_pcl.losses.info_nce(q, k, model.queue.keys, model.temperature) for q, k in directions], 0)
     want_proto = np.mean([keras_pcl.losses.proto_nce(q, p, phi, tf.gather(model.assignments[m], index))
                           for m, (p, phi) in enumerate(zip(model.prototypes, model.concentrations))
                           for q, _ in directions], axis=0)
     np.testing.assert_allclose(terms["info_nce"].numpy(), want_info, rtol=1e-5)
     np.testing.assert_allclose(terms["proto_nce"].numpy(), want_proto, rtol=1e-5)
     if symmetric:  # the second direction changes the loss, so the check above could fail
-        assert np.abs(want_info - keras_pcl.losses.info_nce(q1, k2, model.queue, model.temperature)).max() > 1e-3
+        assert np.abs(want_info - keras_pcl.losses.info_nce(q1, k2, model.queue.keys, model.temperature)).max() > 1e-3
     model.train_step(((view1, view2), index))
-    assert int(model.queue_pointer.numpy()) == 32
-    np.testing.assert_allclose(model.queue.numpy()[:32], model.embed_keys(view2, training=True).numpy(), atol=1e-5)
+    assert int(model.queue.pointer.numpy()) == 32
+    np.testing.assert_allclose(model.queue.keys.numpy()[:32], model.embed_keys(view2, training=True).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("weight", [0.0, 2.5])
@@ -221,13 +222,13 @@ def test_prototype_weight_scales_protonce_in_the_minimised_loss(digits, weight):
     weighted, instance_only = models
     x = data.to_float(images)
     batch = ((x, x), tf.range(32))
-    terms, _ = weighted.forward(batch[0], batch[1], training=False)
+    terms, _ = weighted.forward(Batch(*batch), training=False)
     logs = {name: float(value) for name, value in weighted.train_step(batch).items()}
     assert logs["proto_nce"] == pytest.approx(float(tf.reduce_mean(terms["proto_nce"])), rel=1e-5)
     assert logs["proto_nce"] > 0.1
     assert logs["loss"] == pytest.approx(logs["info_nce"] + weight * logs["proto_nce"], rel=1e-5)
     instance_only.train_step(batch)
-    moved = [np.abs(a.numpy() - b.numpy()).max() for a, b in zip(weighted.query_variables, instance_only.query_variables)]
+    moved = [np.abs(a.numpy() - b.numpy()).max() for a, b in zip(weighted.trainable_variables, instance_only.trainable_variables)]
     if weight == 0:
         assert max(moved) < 1e-6
     else:
@@ -311,7 +312,7 @@ def test_xla_train_step_matches_graph_mode(digits):
     assert history_xla["proto_nce"][0] > 0
     for name in ("info_nce", "proto_nce"):
         np.testing.assert_allclose(history_xla[name], history_graph[name], rtol=1e-3)
-    np.testing.assert_allclose(xla.queue.numpy(), graph.queue.numpy(), atol=1e-3)
+    np.testing.assert_allclose(xla.queue.keys.numpy(), graph.queue.keys.numpy(), atol=1e-3)
     np.testing.assert_allclose(xla.feature_bank.numpy(), graph.feature_bank.numpy(), atol=1e-3)
     np.testing.assert_allclose(xla.backbone.get_layer("norm1").moving_variance.numpy(),
                                graph.backbone.get_layer("norm1").moving_variance.numpy(), rtol=1e-3)
@@ -334,9 +335,9 @@ def test_two_replicas_match_one(digits, tmp_path):
     loss_single = single.fit(step, epochs=1, verbose=0).history["loss"][0]
     loss_mirrored = mirrored.fit(step, epochs=1, verbose=0).history["loss"][0]
     assert loss_mirrored == pytest.approx(loss_single, rel=1e-5)
-    assert int(mirrored.queue_pointer.numpy()) == 32  # advanced by the global batch
-    replicas = mirrored.queue.value.values
-    np.testing.assert_allclose(replicas[0].numpy(), single.queue.numpy(), atol=1e-6)
+    assert int(mirrored.queue.pointer.numpy()) == 32  # advanced by the global batch
+    replicas = mirrored.queue.keys.value.values
+    np.testing.assert_allclose(replicas[0].numpy(), single.queue.keys.numpy(), atol=1e-6)
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
     banks = mirrored.feature_bank.value.values  # both replicas' keys, on both replicas
     np.testing.assert_allclose(banks[0].numpy(), single.feature_bank.numpy(), atol=1e-6)
@@ -351,7 +352,7 @@ def test_two_replicas_match_one(digits, tmp_path):
         update = keras_pcl.PrototypeUpdate(data.eval_dataset(images, 24), verbose=0)
         history = mirrored.fit(fixed_views(images), epochs=2, callbacks=[update], verbose=0).history
     assert history["proto_nce"][1] > 0
-    for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue, mirrored.feature_bank]:
+    for variable in mirrored.prototypes + [mirrored.assignments, mirrored.queue.keys, mirrored.feature_bank]:
         copies = variable.value.values
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
     # A checkpoint restores into a fresh mirrored model from outside the scope, as run.py does it
@@ -390,14 +391,14 @@ def test_config_and_keras_file_round_trip(tmp_path, digits, build):
     x = data.to_float(images[:8])
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
     np.testing.assert_allclose(loaded.embed_keys(x).numpy(), model.embed_keys(x).numpy(), atol=1e-6)
-    np.testing.assert_array_equal(loaded.queue.numpy(), model.queue.numpy())
+    np.testing.assert_array_equal(loaded.queue.keys.numpy(), model.queue.keys.numpy())
     # The optimizer state comes back too (it trains the query encoder only).
     query = model.backbone.trainable_weights + model.head.trainable_weights
     assert len(model.trainable_weights) == len(model.trainable_variables) == len(query)
     assert [v.shape for v in loaded.optimizer.variables] == [v.shape for v in model.optimizer.variables]
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(loaded.queue_pointer.numpy()) == int(model.queue_pointer.numpy())
+    assert int(loaded.queue.pointer.numpy()) == int(model.queue.pointer.numpy())
     if isinstance(model, keras_pcl.PCL):
         for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -428,7 +429,7 @@ def test_nan_guard_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path, di
     views = fixed_views(digits[0][:128])  # 4 steps per epoch
     model.fit(views, epochs=1, callbacks=[checkpoint], verbose=0)
     saved = checkpoint._manager.latest_checkpoint
-    queue_before = model.queue.numpy().copy()
+    queue_before = model.queue.keys.numpy().copy()
     guard = keras_pcl.callbacks.NonFiniteLossGuard()
     with pytest.raises(keras_pcl.callbacks.NonFiniteLossError,
                        match=r"non-finite loss at step 8 \(epoch 2, batch 4\) in info_nce"):
@@ -437,7 +438,7 @@ def test_nan_guard_names_the_step_and_term_and_keeps_the_checkpoint(tmp_path, di
     restored = tiny_moco()
     restored.compile(optimizer=keras.optimizers.SGD(0.01))
     assert keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt")).restore(restored) == 1
-    np.testing.assert_array_equal(restored.queue.numpy(), queue_before)
+    np.testing.assert_array_equal(restored.queue.keys.numpy(), queue_before)
     assert all(np.isfinite(w.numpy()).all() for w in restored.weights)
 
 
@@ -471,10 +472,10 @@ def test_mixed_bfloat16_keeps_losses_and_clustering_in_float32(digits):
         history = model.fit(fixed_views(images), epochs=2, callbacks=[update], verbose=0).history
         x = data.to_float(images[:32])
         assert model.backbone(x).dtype == tf.bfloat16  # the encoder really computes in bf16
-        terms, outputs = model.forward((x, x), tf.range(32), training=False)
+        terms, outputs = model.forward(Batch((x, x), tf.range(32)), training=False)
         assert all(t.dtype == tf.float32 for t in terms.values())
         assert outputs["queries"][0].dtype == tf.float32 and model.embed_keys(x).dtype == tf.float32
-        for variable in [model.queue] + model.prototypes + model.concentrations:
+        for variable in [model.queue.keys] + model.prototypes + model.concentrations:
             assert variable.dtype == "float32"
         assert np.isfinite(history["loss"]).all() and history["proto_nce"][1] > 0
     finally:
@@ -486,10 +487,10 @@ def test_evaluate_reports_losses_without_changing_state(digits):
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     views = fixed_views(digits[0][:64])
     model.fit(views, epochs=1, verbose=0)
-    queue, weights = model.queue.numpy().copy(), [w.numpy().copy() for w in model.weights]
+    queue, weights = model.queue.keys.numpy().copy(), [w.numpy().copy() for w in model.weights]
     results = model.evaluate(views, verbose=0, return_dict=True)
     assert set(results) == {"loss", "info_nce", "instance_acc"}
     assert results["loss"] == pytest.approx(results["info_nce"]) and results["loss"] > 0
-    np.testing.assert_array_equal(model.queue.numpy(), queue)
+    np.testing.assert_array_equal(model.queue.keys.numpy(), queue)
     for before, after in zip(weights, model.weights):
         np.testing.assert_array_equal(after.numpy(), before)

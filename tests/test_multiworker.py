@@ -140,7 +140,7 @@ The tasks have crashed. Check the task logs for an earlier error to debug furthe
 
 
 def test_worker_lost_error_names_the_lost_peer_never_this_worker():
-    from keras_pcl.models.base import _worker_lost
+    from keras_pcl.distributed import _worker_lost
 
     rpc = str(_worker_lost(COLLECTIVE_RPC_ERROR, ("worker", 0)))
     assert rpc.startswith("lost contact with /job:worker/task:1 of the multi-worker job (failed to connect")

@@ -74,7 +74,7 @@ def assert_restores_exactly(directory):
         if not isinstance(value, bytes):  # skips the serialized object graph
             value = np.asarray(value)
             by_shape.setdefault(value.shape, []).append(value)
-    for variable in [model.queue, model.queue_pointer, model.assignments] + model.prototypes + model.concentrations \
+    for variable in [model.queue.keys, model.queue.pointer, model.assignments] + model.prototypes + model.concentrations \
             + model.backbone.weights + model.key_backbone.weights:
         value = np.asarray(variable)
         assert any(np.array_equal(value, s) for s in by_shape.get(value.shape, [])), variable.path

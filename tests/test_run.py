@@ -129,7 +129,7 @@ BAD_INPUTS = [
     ("queue not a multiple", ["--queue_size=1000"], "--queue_size 1000 is not a multiple of --batch_size 128; use e.g. 1024."),
     ("zero temperature", ["--temperature=0"], "--temperature must be > 0"),
     ("negative temperature", ["--temperature=-0.1"], "--temperature must be > 0"),
-    ("negative prototype temperature", ["--prototype_temperature=-0.1"], "--prototype_temperature must be > 0"),
+    ("negative prototype temperature", ["--prototype_temperature=-0.1"], "--prototype_temperature must be >= 0"),
     ("negative prototype weight", ["--prototype_weight=-1"], "--prototype_weight must be >= 0"),
     ("momentum of 1", ["--momentum=1.0"], "--momentum must be in [0, 1)"),
     ("images with NaN", ["--dataset=npz:{tmp}/nan.npz"], "NaN or Inf"),

@@ -1,7 +1,16 @@
-"""keras_pcl's models: one shared train_step skeleton, one short subclass per method."""
+"""keras_pcl's methods: one shared train_step skeleton (`base`), shared pieces (`momentum`,
+`queue`, `heads`), and one short subclass per method. `METHODS` maps each method's name
+(the runner's `--method`) to its class."""
 
-from keras_pcl.models.base import ContrastiveModel, WorkerLostError
+from keras_pcl.distributed import WorkerLostError
+from keras_pcl.models import heads, momentum
+from keras_pcl.models.base import METHODS, Batch, ContrastiveModel, PrototypeSpace
+from keras_pcl.models.byol import BYOL
 from keras_pcl.models.moco import MoCo
 from keras_pcl.models.pcl import PCL
+from keras_pcl.models.queue import KeyQueue
+from keras_pcl.models.simclr import SimCLR
+from keras_pcl.models.simsiam import SimSiam
 
-__all__ = ["ContrastiveModel", "MoCo", "PCL", "WorkerLostError"]
+__all__ = ["BYOL", "Batch", "ContrastiveModel", "KeyQueue", "METHODS", "MoCo", "PCL", "PrototypeSpace", "SimCLR",
+           "SimSiam", "WorkerLostError", "heads", "momentum"]

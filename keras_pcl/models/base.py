@@ -1,176 +1,290 @@
-"""The train_step skeleton every method shares, and the cross-replica helpers.
+"""The train_step skeleton every method shares, and the interface a method declares.
 
-A method subclasses `ContrastiveModel` and writes two things:
+One step: batch -> `before_step` -> `forward` (per-sample losses) -> gradients
+-> `adjust_gradients` -> optimizer update -> EMA of the momentum pairs ->
+`after_step`. A method subclasses `ContrastiveModel` and declares:
 
-* `forward(views, index, training)`: returns `(losses, outputs)` where
-  `losses` maps a loss-term name to a per-sample `[B]` tensor (the total loss
-  is the sum of their batch means) and `outputs` carries what the method
-  needs afterwards (keys to enqueue, accuracies);
-* `after_step(outputs)`: state updates done once per global step after the
-  gradients are applied (EMA, queue), written with `apply_once`.
+* `loss_names`, `metric_names`: the loss terms `forward` returns (each a
+  per-sample `[B]` tensor; the optimised loss is the sum of their batch means,
+  weighted by `term_weights`) and the scalar metrics it reports. Callbacks
+  (the NaN guard), the runner and the curves read these, never log-name patterns.
+* `min_views`, `max_views`, `uses_index`, `uses_labels`: what a batch must hold.
+* `forward(batch, training)`: `(losses, outputs)` for a `Batch`.
 
-The skeleton does the rest: gradient tape, loss scaling under a strategy,
-mixed precision, the optimizer step on `query_variables`, and metrics.
+and, where it needs them:
+
+* `momentum_pairs()` with `momentum` and `momentum_schedule`: `(online,
+  target)` sub-models; the base applies the EMA after each step.
+* `before_step(batch)`: before the forward pass (SwAV re-normalises its prototypes).
+* `adjust_gradients(gradients, variables)`: between the gradients and the
+  update (SwAV freezes its prototypes, SimSiam fixes its predictor's rate).
+* `after_step(outputs)`: state updates once per global step (queues, banks).
+* `prototype_space()`: the prototypes a model has, for the `assign`
+  endpoint and the prototype gallery; `serving_endpoints()`: what the
+  SavedModel serves (`embed` for every method).
+
+Batches are dicts `{"views": (v_1, ..., v_n), "index": [B] int, "labels": [B]
+int}` (index and labels optional; `keras_pcl.data` builds them). The older
+`((view1, view2), index)` tuples are accepted too.
 """
 
-import re
+import copy
+from typing import Callable, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
+from keras_pcl.distributed import (
+    _PEER_ERRORS,
+    _multi_worker,
+    _worker_lost,
+    gather_across_replicas,
+    num_replicas,
+)
+from keras_pcl.errors import InvalidInputError
+from keras_pcl.models.momentum import ema_pairs, ema_update, momentum_at
 
-def num_replicas():
-    """Replicas in sync under the current strategy (1 without one)."""
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def gather_across_replicas(tensor):
-    """Concatenates `tensor` from all replicas along axis 0 (identity on one replica).
-
-    Inside `train_step` under a strategy every replica then holds the same
-    global tensor, so state derived from it (the queue) stays identical.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tensor
-    # MultiWorkerMirroredStrategy gathers "to" the tensor's device and refuses an
-    # unplaced one, as inputs straight from the dataset (the sample indices) are;
-    # an identity op takes the replica's device.
-    return context.all_gather(tf.identity(tensor), axis=0)
+METHODS = {}
 
 
-def _tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
+def register_method(name):
+    """Adds a `ContrastiveModel` subclass to `METHODS` under `name` (the runner's `--method`)."""
+
+    def register(cls):
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+
+    return register
 
 
-def _update_once(updates):
-    """Runs `[(variable, update_fn, args), ...]` once per global step, on every replica.
+class Batch(NamedTuple):
+    """One training batch: `views` (a tuple of `[B, H_i, W_i, C]` image tensors), the
+    samples' `index` `[B]` in the dataset and their `labels` `[B]` (either may be None)."""
 
-    Under a strategy, writing a mirrored variable from the replica context
-    does not keep the copies equal; this goes through `merge_call` and
-    `strategy.extended.update`, so each replica's copy receives that replica's
-    `args`. Callers pass args that are already equal across replicas
-    (computed from mirrored weights or from `gather_across_replicas`).
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        for variable, update_fn, args in updates:
-            update_fn(variable, *args)
-        return
-
-    def merge_fn(strategy, *all_args):
-        for (variable, update_fn, _), args in zip(updates, all_args):
-            strategy.extended.update(_tf_variable(variable), update_fn, args=args)
-
-    context.merge_call(merge_fn, args=tuple(args for _, _, args in updates))
+    views: tuple
+    index: Optional[tf.Tensor] = None
+    labels: Optional[tf.Tensor] = None
 
 
-def apply_once(assignments):
-    """Assigns `[(variable, new_value), ...]` once per global step, on every replica
-    (see `_update_once`)."""
-    _update_once([(variable, lambda var, value: var.assign(value), (value,)) for variable, value in assignments])
+class PrototypeSpace(NamedTuple):
+    """What a model with prototypes exposes: `embed(images)` -> unit `[B, d]` embeddings
+    and `prototypes()` -> a list (one per granularity) of unit `[K_m, d]` prototypes, in
+    the same space; `ready()` (eager) is False while the prototypes hold nothing learnt yet
+    (PCL before its first E-step). The exporter's `assign` endpoint and the gallery use it."""
 
-
-def scatter_once(variable, indices, updates):
-    """Writes `updates [n, ...]` into rows `indices [n]` of `variable`, once per global step.
-
-    The in-place counterpart of `apply_once` for large state (a scatter, not a
-    copy of the whole variable); `indices` and `updates` must be equal across
-    replicas (from `gather_across_replicas`).
-    """
-    indices = tf.cast(indices, tf.int64)[:, None]
-    _update_once([(variable, lambda var, i, u: _tf_variable(var).scatter_nd_update(i, u), (indices, updates))])
-
-
-def _multi_worker():
-    strategy = tf.distribute.get_strategy()
-    # The same test Keras' TF trainer uses to pick its cross-worker reduction.
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()  # noqa: SLF001 (no public accessor)
-
-
-class WorkerLostError(RuntimeError):
-    """A worker of a multi-worker job stopped answering; every worker stops.
-
-    Restart all workers with the same command: they resume from the newest
-    checkpoint (`keras_pcl.callbacks.TrainingCheckpoint`).
-    """
-
-
-# What TensorFlow's collectives raise on the survivors when a peer process dies.
-_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-                tf.errors.AbortedError)
-
-
-_TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
-# Where TensorFlow's error names the lost peer, most specific first: the coordination
-# service's list of tasks that stopped sending heartbeats, the task an error was
-# reported from, the remote end of a failed RPC; then anywhere in the text. The text may
-# name this worker's own task too (a CI run's did, before the lost one), so that one is skipped.
-_PEER_CONTEXTS = (re.compile(r"stopped sending heartbeats\):([\s\S]{0,400})"),
-                  re.compile(r"[Ee]rror reported from (\S+)"),
-                  re.compile(r"remote target (\S+)"),
-                  re.compile(r"([\s\S]+)"))
-
-
-def _lost_peer(text, own_task):
-    for context in _PEER_CONTEXTS:
-        for match in context.finditer(text):
-            for task in _TASK.finditer(match.group(1)):
-                if (task.group(1), int(task.group(2))) != own_task:
-                    return f"/job:{task.group(1)}/task:{task.group(2)}"
-    return "another worker"
-
-
-def _worker_lost(error, own_task=None):
-    """`own_task`: this worker's `(task_type, task_id)`, never named as the lost one."""
-    text = str(error)
-    if "stopped sending heartbeats" in text:
-        reason = "it stopped sending heartbeats"
-    else:
-        aborted = re.search(r"aborted by: (.*)", text)
-        reason = aborted.group(1).strip() if aborted else type(error).__name__
-    return WorkerLostError(
-        f"lost contact with {_lost_peer(text, own_task)} of the multi-worker job "
-        f"({reason[:160]}); all workers stop here. Restart every worker with the same command to resume "
-        "from the newest checkpoint.")
+    embed: Callable
+    prototypes: Callable
+    ready: Callable = lambda: True
 
 
 def l2_normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
 
+def dimension_std(embeddings):
+    """Mean over dimensions of the per-dimension std of L2-normalised embeddings over the
+    global batch (SimSiam's collapse monitor: about 1/sqrt(d) when healthy, 0 when collapsed)."""
+    z = gather_across_replicas(tf.stop_gradient(l2_normalize(embeddings)))
+    return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
+
+
+def deserialize_sub_model(value):
+    """A sub-model passed to a constructor, or its serialised dict (from `get_config`)."""
+    return keras.saving.deserialize_keras_object(value) if isinstance(value, dict) else value
+
+
+class _TrainingLength(keras.callbacks.Callback):
+    """Tells the model how long this `fit` trains (for schedules that end with training)."""
+
+    def on_train_begin(self, logs=None):
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        model = self.model
+        if not steps and model.needs_training_length:
+            raise InvalidInputError(
+                f"{type(model).__name__} schedules by the length of training, but this dataset's length is "
+                "unknown; pass steps_per_epoch to fit().")
+        model.epoch_steps.assign(int(steps or 0))
+        model.total_steps.assign(int(steps or 0) * int(epochs or 0))
+
+
 class ContrastiveModel(keras.Model):
-    """Base of keras_pcl's self-supervised models (not used directly).
+    """Base of keras_pcl's self-supervised and supervised contrastive models (not used directly).
 
-    Training data is `((view1, view2), index)`: two augmented views of each
-    image and the image's index in the dataset (`keras_pcl.data` builds it).
-
-    Subclasses set `self.loss_names` and `self.metric_names` before calling
-    `_create_trackers()`; `query_variables` are the weights the optimizer
-    updates. Momentum encoders mark their variables `trainable=False`, so
-    Keras (compile, `.keras` loading, checkpoints) builds the optimizer over
-    exactly these.
+    See the module docstring for what a method declares. State every model
+    has: `epoch_steps` and `total_steps` (int64), the steps per epoch and in
+    all of the current `fit` (0 outside one), which schedules that end with
+    training (BYOL's momentum, SwAV's prototype freeze) read; a resumed `fit`
+    sets the same values, so those schedules resume exactly.
     """
 
     loss_names = ()
     metric_names = ()
+    min_views, max_views = 2, 2
+    uses_index = False
+    uses_labels = False
+    momentum = None
+    momentum_schedule = "constant"
+    method_name = None
 
-    def _create_trackers(self):
-        self._trackers = {
-            name: keras.metrics.Mean(name=name) for name in ("loss",) + tuple(self.loss_names)
-        }
-        self._trackers.update({name: keras.metrics.Mean(name=name) for name in self.metric_names})
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.epoch_steps = self.add_weight(shape=(), dtype="int64", name="epoch_steps", trainable=False,
+                                           initializer="zeros")
+        self.total_steps = self.add_weight(shape=(), dtype="int64", name="total_steps", trainable=False,
+                                           initializer="zeros")
+        self._trackers = {name: keras.metrics.Mean(name=name)
+                          for name in ("loss",) + tuple(self.loss_names) + tuple(self.metric_names)}
+
+    # What a method declares ---------------------------------------------------
+    def forward(self, batch, training):
+        """`(losses, outputs)`: per-sample `[B]` loss terms named by `loss_names`, and a dict
+        holding the `metric_names` scalars plus whatever `after_step` needs."""
+        raise NotImplementedError
+
+    @property
+    def term_weights(self):
+        """Weight of each loss term in the optimised total (absent: 1); terms are logged unweighted."""
+        return {}
+
+    def momentum_pairs(self):
+        """`(online, target)` sub-models whose target is the EMA of the online one (none here)."""
+        return []
+
+    @property
+    def needs_training_length(self):
+        """True when a schedule needs `total_steps` (a non-constant momentum schedule)."""
+        return bool(self.momentum_pairs()) and self.momentum_schedule != "constant"
+
+    def check_batch_size(self, global_batch):
+        """Raises `InvalidInputError` if the method cannot train on this global batch size."""
+
+    def before_step(self, batch):
+        """State changes before the forward pass of a training step (none here)."""
+
+    def adjust_gradients(self, gradients, variables):
+        """Returns the gradients to apply; `gradients[i]` belongs to `variables[i]`."""
+        return gradients
+
+    def after_step(self, outputs):
+        """State updates after the optimizer step, once per global step (none here)."""
+
+    def prototype_space(self):
+        """A `PrototypeSpace` for models with prototypes (PCL, SwAV); None here."""
+        return None
+
+    def serving_endpoints(self):
+        """`{name: fn(images) -> {output: tensor}}` for the SavedModel; images are float
+        `[B, H, W, C]` in `[0, 1]` at the encoder's input size. `embed` for every method,
+        `assign` for a model with a `prototype_space()`."""
+        endpoints = {"embed": self._serve_embed}
+        if self.prototype_space() is not None:
+            endpoints["assign"] = self._serve_assign
+        return endpoints
+
+    # Serving --------------------------------------------------------------------
+    def _serve_embed(self, images):
+        return {"features": l2_normalize(self.backbone(images, training=False))}
+
+    def _serve_assign(self, images):
+        space = self.prototype_space()
+        embeddings = space.embed(images)
+        ids, similarities = [], []
+        for prototypes in space.prototypes():
+            scores = tf.matmul(embeddings, tf.cast(prototypes, embeddings.dtype), transpose_b=True)
+            ids.append(tf.argmax(scores, axis=1, output_type=tf.int32))
+            similarities.append(tf.reduce_max(scores, axis=1))
+        return {"prototype": tf.stack(ids, axis=1), "similarity": tf.stack(similarities, axis=1)}
+
+    # The step ------------------------------------------------------------------
+    def current_momentum(self, step):
+        """The EMA coefficient at optimizer step `step` (see `keras_pcl.models.momentum.momentum_at`)."""
+        return momentum_at(self.momentum, self.momentum_schedule, step, self.total_steps)
+
+    def unpack_batch(self, data):
+        """A `Batch` from what the dataset yields, checked against what the method declares."""
+        name = type(self).__name__
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - {"views", "index", "labels"})
+            if unknown or "views" not in data:
+                raise InvalidInputError(
+                    f"{name} batches are dicts with 'views' and optionally 'index' and 'labels', got keys "
+                    f"{sorted(data)}; build them with keras_pcl.data.multiview_dataset().")
+            views = data["views"]
+            batch = Batch(tuple(views) if isinstance(views, (tuple, list)) else (views,),
+                          data.get("index"), data.get("labels"))
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)):
+            batch = Batch(tuple(data[0]), data[1])
+        else:
+            raise InvalidInputError(
+                f"{name} trains on batches {{'views': (...), 'index': ..., 'labels': ...}}; build the dataset "
+                "with keras_pcl.data.multiview_dataset() or contrastive_dataset().")
+        count = len(batch.views)
+        if count < self.min_views or (self.max_views is not None and count > self.max_views):
+            wanted = (f"{self.min_views}" if self.min_views == self.max_views else
+                      f"at least {self.min_views}" if self.max_views is None else
+                      f"{self.min_views} to {self.max_views}")
+            raise InvalidInputError(f"{name} trains on {wanted} views per image, the batch has {count}.")
+        if self.uses_index and batch.index is None:
+            raise InvalidInputError(f"{name} needs each sample's dataset index in the batch ('index').")
+        if self.uses_labels and batch.labels is None:
+            raise InvalidInputError(f"{name} is supervised: the batch needs 'labels' (pass labels= to the "
+                                    "dataset helper).")
+        local_batch = batch.views[0].shape[0]
+        if local_batch is not None:  # static when batches drop their remainder
+            self.check_batch_size(local_batch * num_replicas())
+        return batch
+
+    def train_step(self, data):
+        batch = self.unpack_batch(data)
+        self.before_step(batch)
+        step = tf.identity(self.optimizer.iterations)
+        with tf.GradientTape() as tape:
+            losses, outputs = self.forward(batch, training=True)
+            terms = {name: tf.reduce_mean(losses[name]) for name in self.loss_names}
+            loss = self._total(terms)
+            # Keras sums gradients over replicas; the step should average them.
+            scaled = loss / num_replicas()
+            if hasattr(self.optimizer, "scale_loss"):
+                scaled = self.optimizer.scale_loss(scaled)
+        variables = self.trainable_variables
+        gradients = self.adjust_gradients(tape.gradient(scaled, variables), variables)
+        self.optimizer.apply(gradients, variables)
+        pairs = [pair for online, target in self.momentum_pairs() for pair in ema_pairs(online, target)]
+        if pairs:
+            ema_update(pairs, self.current_momentum(step))
+        self.after_step(outputs)
+        return self._update_trackers(loss, terms, outputs)
+
+    def test_step(self, data):
+        batch = self.unpack_batch(data)
+        losses, outputs = self.forward(batch, training=False)
+        terms = {name: tf.reduce_mean(losses[name]) for name in self.loss_names}
+        return self._update_trackers(self._total(terms), terms, outputs)
+
+    def _total(self, terms):
+        weights = self.term_weights
+        return tf.add_n([value * weights.get(name, 1.0) for name, value in terms.items()])
 
     @property
     def metrics(self):
         return list(self._trackers.values())
 
-    @property
-    def query_variables(self):
-        """The weights gradients update (momentum encoders' variables are non-trainable)."""
-        return self.trainable_variables
+    def _update_trackers(self, loss, terms, outputs):
+        self._trackers["loss"].update_state(loss)
+        for name, value in terms.items():
+            self._trackers[name].update_state(value)
+        for name in self.metric_names:
+            self._trackers[name].update_state(outputs[name])
+        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if _multi_worker():
+            # Keras reduces logs across workers with `strategy.reduce(..., axis=0)`,
+            # which rejects scalars ("Invalid reduction dimension 0"); shape [1]
+            # reduces to the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
+    # Keras plumbing --------------------------------------------------------------
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras probes a data batch here to build the model under a strategy.
         # These models are built in __init__, so only the optimizer is left to
@@ -185,9 +299,12 @@ class ContrastiveModel(keras.Model):
         makes the others raise `WorkerLostError` (one line, naming the lost task)
         instead of a TensorFlow graph-execution traceback."""
         if isinstance(args[0] if args else kwargs.get("x"), tf.data.Dataset):
-            # A Dataset shuffles itself (contrastive_dataset does); Keras 3.15 warns on
+            # A Dataset shuffles itself (the data helpers do); Keras 3.15 warns on
             # every fit that its default shuffle=True is ignored for one.
             kwargs.setdefault("shuffle", False)
+        callbacks = kwargs.get("callbacks")
+        if callbacks is None or isinstance(callbacks, (list, tuple)):
+            kwargs["callbacks"] = [_TrainingLength()] + list(callbacks or [])
         try:
             return super().fit(*args, **kwargs)
         except _PEER_ERRORS as error:
@@ -197,66 +314,8 @@ class ContrastiveModel(keras.Model):
             resolver = self.distribute_strategy.cluster_resolver
             raise _worker_lost(error, (resolver.task_type, int(resolver.task_id))) from None
 
-    def forward(self, views, index, training):
-        raise NotImplementedError
-
-    @property
-    def term_weights(self):
-        """Weight of each loss term in the optimised total (absent: 1); terms are logged unweighted."""
-        return {}
-
-    def _total(self, terms):
-        weights = self.term_weights
-        return tf.add_n([value * weights[name] if name in weights else value for name, value in terms.items()])
-
-    def after_step(self, outputs):
-        pass
-
-    def _unpack(self, data):
-        x, index, _ = keras.utils.unpack_x_y_sample_weight(data)
-        if not isinstance(x, (tuple, list)) or len(x) != 2:
-            raise ValueError(
-                f"{type(self).__name__} trains on ((view1, view2), index) batches; "
-                "build the dataset with keras_pcl.data.contrastive_dataset()."
-            )
-        return tuple(x), index
-
-    def train_step(self, data):
-        views, index = self._unpack(data)
-        with tf.GradientTape() as tape:
-            losses, outputs = self.forward(views, index, training=True)
-            terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
-            loss = self._total(terms)
-            # Keras sums gradients over replicas; the step should average them.
-            scaled = loss / num_replicas()
-            if hasattr(self.optimizer, "scale_loss"):
-                scaled = self.optimizer.scale_loss(scaled)
-        variables = self.query_variables
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply(gradients, variables)
-        self.after_step(outputs)
-        return self._update_trackers(loss, terms, outputs)
-
-    def test_step(self, data):
-        views, index = self._unpack(data)
-        losses, outputs = self.forward(views, index, training=False)
-        terms = {name: tf.reduce_mean(value) for name, value in losses.items()}
-        return self._update_trackers(self._total(terms), terms, outputs)
-
-    def _update_trackers(self, loss, terms, outputs):
-        self._trackers["loss"].update_state(loss)
-        for name, value in terms.items():
-            self._trackers[name].update_state(value)
-        for name in self.metric_names:
-            self._trackers[name].update_state(outputs[name])
-        return self._logs()
-
-    def _logs(self):
-        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
-        if _multi_worker():
-            # Keras reduces logs across workers with `strategy.reduce(..., axis=0)`,
-            # which rejects scalars ("Invalid reduction dimension 0"); shape [1]
-            # reduces to the same scalar.
-            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+    @classmethod
+    def from_config(cls, config):
+        # Deserialising the sub-models consumes their dicts: keep the caller's intact.
+        return cls(**copy.deepcopy(config))
 

@@ -1,40 +1,14 @@
 """MoCo: a momentum (EMA) key encoder, a queue of keys, and InfoNCE."""
 
-import copy
-
 import keras
 import tensorflow as tf
 
 from keras_pcl import losses
+from keras_pcl.errors import InvalidInputError, check_positive
 from keras_pcl.hashing import hashed_permutation
-from keras_pcl.models.base import (
-    ContrastiveModel,
-    apply_once,
-    gather_across_replicas,
-    l2_normalize,
-    num_replicas,
-)
-
-
-def _momentum_copy(model):
-    """A structural copy of `model` with the same weight values, for a momentum encoder.
-
-    Its variables are marked non-trainable (updated by EMA, never by the
-    optimizer); its layers stay trainable, so BatchNorm still normalises
-    with batch statistics in training mode, as MoCo's key encoder does.
-    """
-    copy = keras.models.clone_model(model)
-    if not copy.built:
-        copy.build(model.input_shape if hasattr(model, "input_shape") else None)
-    copy.set_weights(model.get_weights())
-    for variable in copy.weights:
-        variable.trainable = False
-    return copy
-
-
-def ema_pairs(source, target):
-    """`(source_variable, target_variable)` for each trainable variable of `source`."""
-    return [(s, t) for s, t in zip(source.weights, target.weights) if s.trainable]
+from keras_pcl.models.base import ContrastiveModel, deserialize_sub_model, l2_normalize, register_method
+from keras_pcl.models.momentum import check_momentum, momentum_copy
+from keras_pcl.models.queue import KeyQueue
 
 
 def _shuffled(fn, x, training, step):
@@ -50,6 +24,7 @@ def _shuffled(fn, x, training, step):
     return tf.gather(y, tf.math.invert_permutation(permutation))
 
 
+@register_method("moco")
 @keras.saving.register_keras_serializable(package="keras_pcl")
 class MoCo(ContrastiveModel):
     """Momentum Contrast (v1 with a linear head, v2 with an MLP head).
@@ -64,7 +39,8 @@ class MoCo(ContrastiveModel):
     Args:
         backbone: `keras.Model` from images to features `[B, D]` (its input
             shape must be known, e.g. from `keras_pcl.backbones`).
-        head: projection from features to embeddings `[B, d]`.
+        head: projection from features to embeddings `[B, d]`
+            (`keras_pcl.models.heads.mlp`).
         queue_size: number of negative keys `r`; a multiple of the global batch.
         momentum: EMA coefficient of the key encoder, in `[0, 1)`.
         temperature: InfoNCE temperature, > 0.
@@ -74,6 +50,8 @@ class MoCo(ContrastiveModel):
             both losses (MoCo v3 / SimCLR style); off in the reference. About
             twice the step's cost. The queue still receives one batch of keys
             (view 2's) per step.
+        momentum_schedule: `"constant"` (the reference) or `"cosine"` (BYOL's,
+            from `momentum` to 1 over training).
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -90,34 +68,22 @@ class MoCo(ContrastiveModel):
     metric_names = ("instance_acc",)
 
     def __init__(self, backbone, head, queue_size=65536, momentum=0.999, temperature=0.2,
-                 shuffle_keys=True, symmetric=False, **kwargs):
+                 shuffle_keys=True, symmetric=False, momentum_schedule="constant", **kwargs):
         super().__init__(**kwargs)
-        if isinstance(backbone, dict):
-            backbone = keras.saving.deserialize_keras_object(backbone)
-        if isinstance(head, dict):
-            head = keras.saving.deserialize_keras_object(head)
+        backbone, head = deserialize_sub_model(backbone), deserialize_sub_model(head)
         if not queue_size or queue_size < 1:
-            raise ValueError(f"queue_size must be a positive integer, got {queue_size}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+            raise InvalidInputError(f"queue_size must be a positive integer, got {queue_size}.")
+        check_momentum(momentum, momentum_schedule)
         self.backbone, self.head = backbone, head
-        self.queue_size, self.momentum, self.temperature = int(queue_size), float(momentum), float(temperature)
+        self.queue_size, self.momentum = int(queue_size), float(momentum)
+        self.temperature = check_positive("temperature", temperature)
         self.shuffle_keys, self.symmetric = bool(shuffle_keys), bool(symmetric)
+        self.momentum_schedule = momentum_schedule
         if not head.built:
             head.build(backbone.output_shape)
         self.embedding_dim = head.compute_output_shape(backbone.output_shape)[-1]
-        self.key_backbone, self.key_head = _momentum_copy(backbone), _momentum_copy(head)
-        self.queue = self.add_weight(
-            shape=(self.queue_size, self.embedding_dim), name="queue", trainable=False,
-            initializer=keras.initializers.RandomNormal(seed=0),
-        )
-        self.queue.assign(tf.math.l2_normalize(self.queue, axis=1))
-        self.queue_pointer = self.add_weight(
-            shape=(), dtype="int32", name="queue_pointer", trainable=False, initializer="zeros"
-        )
-        self._create_trackers()
+        self.key_backbone, self.key_head = momentum_copy(backbone), momentum_copy(head)
+        self.queue = KeyQueue(self.queue_size, self.embedding_dim, name="queue")
         self.built = True  # every sublayer and state variable exists now
 
     # The encoders ---------------------------------------------------------
@@ -141,27 +107,22 @@ class MoCo(ContrastiveModel):
             return tuple(self.embed(view, training=training) for view in images)
         return self.embed(images, training=training)
 
-    # One step -------------------------------------------------------------
-    def check_batch_size(self, per_replica_batch):
-        global_batch = per_replica_batch * num_replicas()
-        if self.queue_size % global_batch:
-            raise ValueError(
-                f"queue_size={self.queue_size} is not a multiple of the global batch size "
-                f"{global_batch}; choose a queue_size divisible by it (e.g. "
-                f"{-(-self.queue_size // global_batch) * global_batch})."
-            )
+    def momentum_pairs(self):
+        return [(self.backbone, self.key_backbone), (self.head, self.key_head)]
 
-    def forward(self, views, index, training):
-        view1, view2 = views
-        if view1.shape[0] is not None:  # static when batches drop their remainder
-            self.check_batch_size(view1.shape[0])
+    # One step -------------------------------------------------------------
+    def check_batch_size(self, global_batch):
+        self.queue.check_batch_size(global_batch)
+
+    def forward(self, batch, training):
+        view1, view2 = batch.views
         pairs = [(view1, view2), (view2, view1)] if self.symmetric else [(view1, view2)]
         queries, keys, per_sample, accuracy = [], [], [], []
         for q_view, k_view in pairs:
             q = self.embed(q_view, training=training)
             k = tf.stop_gradient(self.embed_keys(k_view, training=training))
             # The logits serve the loss (== losses.info_nce) and the accuracy: one matmul.
-            logits = losses.info_nce_logits(q, k, self.queue, self.temperature)
+            logits = losses.info_nce_logits(q, k, self.queue.keys, self.temperature)
             per_sample.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.zeros(tf.shape(logits)[0], tf.int32), logits=logits))
             accuracy.append(tf.reduce_mean(tf.cast(tf.argmax(logits, axis=1) == 0, tf.float32)))
@@ -172,25 +133,7 @@ class MoCo(ContrastiveModel):
         return {"info_nce": tf.add_n(per_sample) / len(per_sample)}, outputs
 
     def after_step(self, outputs):
-        self._momentum_update()
-        self._enqueue(outputs["keys"])
-
-    def _momentum_update(self):
-        pairs = ema_pairs(self.backbone, self.key_backbone) + ema_pairs(self.head, self.key_head)
-        apply_once([(k, self.momentum * k + (1.0 - self.momentum) * tf.cast(q, k.dtype)) for q, k in pairs])
-
-    def _enqueue(self, keys):
-        keys = tf.cast(gather_across_replicas(keys), self.queue.dtype)
-        batch = tf.shape(keys)[0]
-        tf.debugging.assert_equal(
-            self.queue_size % batch, 0,
-            message="queue_size must be a multiple of the global batch size",
-        )
-        rows = (self.queue_pointer + tf.range(batch)) % self.queue_size
-        apply_once([
-            (self.queue, tf.tensor_scatter_nd_update(self.queue, rows[:, None], keys)),
-            (self.queue_pointer, (self.queue_pointer + batch) % self.queue_size),
-        ])
+        self.queue.enqueue(outputs["keys"])
 
     # Saving ---------------------------------------------------------------
     def get_config(self):
@@ -199,11 +142,6 @@ class MoCo(ContrastiveModel):
             backbone=keras.saving.serialize_keras_object(self.backbone),
             head=keras.saving.serialize_keras_object(self.head),
             queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
-            shuffle_keys=self.shuffle_keys, symmetric=self.symmetric,
+            shuffle_keys=self.shuffle_keys, symmetric=self.symmetric, momentum_schedule=self.momentum_schedule,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        # Deserialising the sub-models consumes their dicts: keep the caller's intact.
-        return cls(**copy.deepcopy(config))

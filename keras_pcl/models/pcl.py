@@ -4,10 +4,13 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import losses
-from keras_pcl.models.base import gather_across_replicas, scatter_once
+from keras_pcl.distributed import gather_across_replicas, scatter_once
+from keras_pcl.errors import InvalidInputError
+from keras_pcl.models.base import PrototypeSpace, register_method
 from keras_pcl.models.moco import MoCo
 
 
+@register_method("pcl")
 @keras.saving.register_keras_serializable(package="keras_pcl")
 class PCL(MoCo):
     """Prototypical Contrastive Learning, an EM loop around MoCo.
@@ -65,6 +68,7 @@ class PCL(MoCo):
 
     loss_names = ("info_nce", "proto_nce")
     metric_names = ("instance_acc", "proto_acc")
+    uses_index = True
 
     def __init__(self, backbone, head, num_samples, num_clusters=(250, 500, 1000), warmup_epochs=10,
                  num_negative_prototypes=None, use_feature_bank=False, prototype_temperature=None,
@@ -73,27 +77,27 @@ class PCL(MoCo):
         num_clusters = tuple(int(k) for k in (
             num_clusters if isinstance(num_clusters, (list, tuple)) else [num_clusters]))
         if not num_clusters:
-            raise ValueError("num_clusters needs at least one granularity.")
+            raise InvalidInputError("num_clusters needs at least one granularity.")
         if num_samples is None or int(num_samples) < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}.")
+            raise InvalidInputError(f"num_samples must be a positive integer, got {num_samples}.")
         for k in num_clusters:
             if not 2 <= k <= num_samples:
-                raise ValueError(
+                raise InvalidInputError(
                     f"num_clusters has {k}, but each must be between 2 and the number of "
                     f"samples ({num_samples}); use fewer clusters."
                 )
         if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+            raise InvalidInputError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
         if num_negative_prototypes is not None and int(num_negative_prototypes) < 1:
-            raise ValueError(
+            raise InvalidInputError(
                 f"num_negative_prototypes must be None (exact) or >= 1, got {num_negative_prototypes}."
             )
         if prototype_temperature is not None and not float(prototype_temperature) > 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"prototype_temperature must be None (use temperature) or > 0, got {prototype_temperature}."
             )
         if not float(prototype_weight) >= 0:
-            raise ValueError(f"prototype_weight must be >= 0 (1 is the reference's), got {prototype_weight}.")
+            raise InvalidInputError(f"prototype_weight must be >= 0 (1 is the reference's), got {prototype_weight}.")
         self.num_samples, self.num_clusters = int(num_samples), num_clusters
         self.prototype_weight = float(prototype_weight)
         self.prototype_temperature = (
@@ -149,7 +153,7 @@ class PCL(MoCo):
                 as returned by `keras_pcl.clustering.prototype_estep`.
         """
         if len(results) != len(self.num_clusters):
-            raise ValueError(f"expected {len(self.num_clusters)} granularities, got {len(results)}.")
+            raise InvalidInputError(f"expected {len(self.num_clusters)} granularities, got {len(results)}.")
         for variable, phi_variable, (prototypes, phi, _) in zip(
                 self.prototypes, self.concentrations, results):
             variable.assign(tf.cast(prototypes, variable.dtype))
@@ -157,11 +161,14 @@ class PCL(MoCo):
         self.assignments.assign(tf.stack([tf.cast(a, tf.int32) for _, _, a in results]))
         self.prototypes_ready.assign(1)
 
-    def forward(self, views, index, training):
-        loss_terms, outputs = super().forward(views, index, training)
-        if index is None:
-            raise ValueError("PCL trains on ((view1, view2), index) batches: the index is missing.")
-        index = tf.cast(index, tf.int32)
+    def prototype_space(self):
+        # The momentum encoder's embeddings: the space the E-step clustered.
+        return PrototypeSpace(self.embed_keys, lambda: [tf.convert_to_tensor(p) for p in self.prototypes],
+                              lambda: bool(int(self.prototypes_ready.numpy())))
+
+    def forward(self, batch, training):
+        loss_terms, outputs = super().forward(batch, training)
+        index = tf.cast(batch.index, tf.int32)
 
         def prototype_terms():
             # Each query (both views' with `symmetric`) against its image's prototype.
@@ -204,7 +211,7 @@ class PCL(MoCo):
         callbacks = kwargs.get("callbacks") or []
         epochs = kwargs.get("epochs", 1)
         if epochs > self.warmup_epochs and not any(isinstance(c, PrototypeUpdate) for c in callbacks):
-            raise ValueError(
+            raise InvalidInputError(
                 "PCL.fit needs a keras_pcl.callbacks.PrototypeUpdate callback to run the "
                 "E-step after the warm-up; without it training is plain MoCo. Pass "
                 "callbacks=[PrototypeUpdate(eval_dataset)], or use keras_pcl.MoCo."
