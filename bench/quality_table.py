@@ -1,4 +1,4 @@
-"""Representation quality on Fashion-MNIST: PCL v2, PCL v1, MoCo v2, a random encoder, raw pixels.
+"""Representation quality on Fashion-MNIST: PCL v2, PCL v1, MoCo v2, SimCLR, BYOL, SimSiam, a random encoder, raw pixels.
 
 Every trained row is one `experiments/run.py` command on its Fashion-MNIST config, with the
 same encoder, augmentation budget (--epochs) and seeds; the script only shortens the schedule
@@ -24,12 +24,14 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
-           "moco_v2": "moco_v2_fashion_mnist.cfg"}
+           "moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
+           "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg"}
 COLUMNS = ["knn_top1", "linear_top1", "svm_1shot", "svm_2shot", "svm_4shot", "svm_8shot", "svm_16shot", "ami", "nmi"]
 
 flags.DEFINE_integer("epochs", 12, "Training epochs of every trained row.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each row is trained once per seed.")
-flags.DEFINE_list("rows", ["pcl_v2", "moco_v2", "pcl_v1"], "Trained rows, run in this order (seed-major).")
+flags.DEFINE_list("rows", ["pcl_v2", "moco_v2", "pcl_v1"],
+                  f"Trained rows, run in this order (seed-major); any of {', '.join(CONFIGS)}.")
 flags.DEFINE_string("out", "runs/quality", "Folder for the runs and table.md.")
 flags.DEFINE_integer("holdout", 0, "Evaluate every row on this many held-out training images, not the test split "
                      "(run.py --holdout; for choosing settings without touching the test split).")

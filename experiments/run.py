@@ -37,7 +37,7 @@ flags.DEFINE_enum("encoder", "small_cnn", ["small_cnn", "small_resnet", "resnet1
 flags.DEFINE_integer("width", 0, "Backbone base width (0: the backbone's default).")
 flags.DEFINE_enum("norm", None, ["split", "batch", "sync_batch", "none"],
                   "Normalisation: split BatchNorm (the shuffle-BN replacement), batch, sync_batch, none" + PER_METHOD)
-flags.DEFINE_integer("num_splits", 8, "Sub-batches of split BatchNorm.")
+flags.DEFINE_integer("num_splits", 4, "Sub-batches of split BatchNorm.")
 flags.DEFINE_boolean("small_images", True, "CIFAR-style stem for resnet18/50 (3x3 conv, no max-pool).")
 flags.DEFINE_integer("embedding_dim", None, "Output width of the projection head" + PER_METHOD)
 flags.DEFINE_integer("hidden_dim", None, "Hidden width of the projection head" + PER_METHOD)
@@ -47,8 +47,8 @@ flags.DEFINE_integer("holdout", 0,
 flags.DEFINE_integer("image_size", 0, "Training/eval image side (0: the dataset's own; folders: 32).")
 
 # How to train.
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("epochs", 50, "Epochs.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("epochs", 40, "Epochs.")
 flags.DEFINE_integer("steps_per_epoch", 0, "Cap on steps per epoch for quick runs (0: whole epochs).")
 flags.DEFINE_enum("optimizer", None, ["sgd", "lars"], "Optimizer: SGD with momentum, or LARS" + PER_METHOD)
 flags.DEFINE_float("learning_rate", None, "Peak learning rate" + PER_METHOD)
@@ -62,7 +62,7 @@ flags.DEFINE_list("lr_drops", ["120", "160"], "Epochs at which the step schedule
 flags.DEFINE_integer("lr_warmup_epochs", None, "Linear learning-rate warm-up epochs" + PER_METHOD)
 flags.DEFINE_enum("augmentation", None, ["pcl_v1", "pcl_v2", "moco_v1", "moco_v2", "simclr", "byol"],
                   "Augmentation preset (byol: its two asymmetric views)" + PER_METHOD)
-flags.DEFINE_list("crop_scale", ["0.2", "1.0"], "RandomResizedCrop area range.")
+flags.DEFINE_list("crop_scale", ["0.5", "1.0"], "RandomResizedCrop area range.")
 flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"], "Compute precision.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the train step and E-step: auto = on GPU/TPU, and on CPU for E-step "
@@ -86,7 +86,8 @@ flags.DEFINE_boolean("debug", False, "Show full tracebacks instead of one-line e
 COMMON_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)
 
 # Defaults of the common flags whose absl default is None, where a method does not set its own.
-COMMON_DEFAULTS = dict(norm="split", embedding_dim=128, hidden_dim=2048, optimizer="sgd", learning_rate=0.06,
+# Like every default here they suit the embedded data (8x8 digits): a bare run is the quickstart.
+COMMON_DEFAULTS = dict(norm="split", embedding_dim=64, hidden_dim=256, optimizer="sgd", learning_rate=0.06,
                        weight_decay=5e-4, lr_warmup_epochs=0, augmentation="pcl_v2")
 
 # Flags that do not change what a run computes: they may differ on resume.

@@ -318,9 +318,9 @@ def test_xla_train_step_matches_graph_mode(digits):
                                graph.backbone.get_layer("norm1").moving_variance.numpy(), rtol=1e-3)
 
 
-def test_two_replicas_match_one(digits, tmp_path):
+def test_two_replicas_match_one(digits, tmp_path, mirrored):
     images = digits[0][:64]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored
 
     def build():
         keras.utils.set_random_seed(1)

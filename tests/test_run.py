@@ -143,6 +143,19 @@ BAD_INPUTS = [
     ("holdout too large", ["--holdout=5000"], "--holdout: holdout count 5000 must be between 1 and 1437"),
     ("bad crop scale", ["--crop_scale=0.5"], "--crop_scale takes two numbers"),
     ("stray argument", ["extra"], "unexpected arguments"),
+    # Each family method's own flags and checks.
+    ("moco queue not a multiple", ["--method=moco", "--queue_size=1000"], "--queue_size 1000 is not a multiple"),
+    ("simclr zero temperature", ["--method=simclr", "--temperature=0"], "--temperature must be > 0"),
+    ("simclr batch of one", ["--method=simclr", "--batch_size=1", "--num_splits=1"],
+     "--batch_size 1: SimCLR needs a global batch of at least 2 images"),
+    ("simclr negative trust coefficient", ["--method=simclr", "--lars_trust_coefficient=-1"],
+     "--lars_trust_coefficient must be >= 0"),
+    ("simclr negative weight decay", ["--method=simclr", "--weight_decay=-1e-6"], "--weight_decay must be >= 0"),
+    ("byol momentum of 1", ["--method=byol", "--momentum=1"], "--momentum must be in [0, 1)"),
+    ("byol predictor width 0", ["--method=byol", "--predictor_hidden_dim=0"], "--predictor_hidden_dim must be >= 1"),
+    ("byol unknown schedule", ["--method=byol", "--momentum_schedule=linear"], "--momentum_schedule=linear: value"),
+    ("simsiam head width 0", ["--method=simsiam", "--hidden_dim=0"], "--hidden_dim must be >= 1"),
+    ("simsiam negative learning rate", ["--method=simsiam", "--learning_rate=-0.1"], "--learning_rate must be > 0"),
 ]
 
 
@@ -186,3 +199,61 @@ def test_command_line_error_has_no_traceback():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "run.py: error: --temperature must be > 0, got -1.0."
+
+
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam"])
+def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_path, capsys, method, digits):
+    """--flagfile=quickstart.cfg --method=M (PCL: test_quickstart_writes_every_output): results beside raw
+    pixels, a SavedModel serving `embed`, model.keras, the curves of the method's own logs and t-SNE."""
+    import tensorflow as tf
+
+    out = tmp_path / method
+    extra = ["--queue_size=1000"] if method == "byol" else []  # another method's flag: reported, not checked
+    runner.execute([f"--flagfile={QUICKSTART}", f"--method={method}", f"--output_dir={out}", "--epochs=2",
+                    "--knn_every=0", "--low_shot_draws=1"] + extra)
+    printed = capsys.readouterr().out
+    if extra:
+        assert "--method=byol does not use --queue_size; ignored." in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and "queue_size" not in config or method == "moco"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method
+    for row in ("encoder", "raw_pixels"):
+        for key in ("knn_top1", "linear_top1", "svm_1shot", "svm_4shot", "ami"):
+            assert 0.0 <= results["evaluation"][row][key] <= 1.0
+    assert results["evaluation"]["encoder"]["linear_top1"] > 0.3  # far above chance (0.1) after 2 epochs
+    for name in ("model.keras", "curves.png", "tsne.png", "history.json"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "history.json").read_text())
+    model = runner_model_class(method)
+    assert set(model.loss_names) | set(model.metric_names) <= set(history)
+    served = tf.saved_model.load(str(out / "saved_model"))
+    features = served.embed(tf.constant(digits[0][:5]))["features"].numpy()
+    assert features.shape[0] == 5 and np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+    assert not hasattr(served, "assign")  # no prototypes, no assign endpoint
+
+
+def runner_model_class(method):
+    import keras_pcl
+
+    return keras_pcl.models.METHODS[method]
+
+
+def test_a_bare_run_uses_defaults_that_fit_the_embedded_data(runner, tmp_path, monkeypatch):
+    """`python experiments/run.py` with no flags trains PCL on digits; here one epoch of it."""
+    monkeypatch.chdir(tmp_path)
+    runner.execute(["--epochs=1", "--export=false", "--plots=false", "--low_shot_draws=1", "--raw_pixels=false"])
+    config = json.loads((tmp_path / "runs" / "pcl" / "config.json").read_text())
+    assert config["dataset"] == "digits" and config["method"] == "pcl"
+    assert max(int(k) for k in config["num_clusters"]) <= 1438
+    assert json.loads((tmp_path / "runs" / "pcl" / "results.json").read_text())["evaluation"]["encoder"]
+
+
+def test_an_internal_error_keeps_its_traceback(runner, tmp_path, monkeypatch):
+    """Only user mistakes become one-line exit-2 errors; a ValueError from inside is not one."""
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(runner, "build_backbone", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"])

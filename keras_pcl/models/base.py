@@ -197,6 +197,11 @@ class ContrastiveModel(keras.Model):
         return {"prototype": tf.stack(ids, axis=1), "similarity": tf.stack(similarities, axis=1)}
 
     # The step ------------------------------------------------------------------
+    def optimizer_step(self):
+        """The optimizer's step counter (0 before `compile`), what step-keyed schedules read."""
+        optimizer = getattr(self, "optimizer", None)  # Keras sets it in compile()
+        return optimizer.iterations if optimizer is not None else tf.constant(0, tf.int64)
+
     def current_momentum(self, step):
         """The EMA coefficient at optimizer step `step` (see `keras_pcl.models.momentum.momentum_at`)."""
         return momentum_at(self.momentum, self.momentum_schedule, step, self.total_steps)

@@ -79,9 +79,8 @@ class BYOL(ContrastiveModel):
         p1, p2 = self.predictor(z1, training=training), self.predictor(z2, training=training)
         t1, t2 = self._target(view1, training), self._target(view2, training)
         per_sample = (2.0 + 2.0 * losses.negative_cosine(p1, t2)) + (2.0 + 2.0 * losses.negative_cosine(p2, t1))
-        step = self.optimizer.iterations if self.optimizer is not None else 0
         return {"normalized_mse": per_sample}, {"output_std": dimension_std(z1),
-                                                "target_momentum": self.current_momentum(step)}
+                                                "target_momentum": self.current_momentum(self.optimizer_step())}
 
     def get_config(self):
         config = super().get_config()

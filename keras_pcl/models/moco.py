@@ -97,8 +97,7 @@ class MoCo(ContrastiveModel):
     def embed_keys(self, images, training=False):
         """L2-normalised momentum-encoder embeddings `[B, d]` (what PCL clusters)."""
         if training and self.shuffle_keys:
-            step = self.optimizer.iterations if self.optimizer is not None else 0
-            return l2_normalize(_shuffled(self._key_encoder, images, training, step))
+            return l2_normalize(_shuffled(self._key_encoder, images, training, self.optimizer_step()))
         return l2_normalize(self._key_encoder(images, training))
 
     def call(self, images, training=False):

@@ -8,6 +8,15 @@ from keras import ops
 from keras_pcl.errors import InvalidInputError, check_non_negative
 
 
+def _norm(x):
+    """L2 norm over all of `x`, scaled by its largest entry first: squaring float32 entries
+    would overflow above ~1e19 and flush to zero below ~1e-19."""
+    x = ops.reshape(x, [-1])
+    largest = ops.max(ops.abs(x))
+    safe = ops.where(largest > 0, largest, ops.ones_like(largest))
+    return largest * ops.sqrt(ops.sum(ops.square(x / safe)))
+
+
 @keras.saving.register_keras_serializable(package="keras_pcl")
 class LARS(keras.optimizers.Optimizer):
     """Momentum SGD whose step for each variable is scaled by a trust ratio.
@@ -91,7 +100,7 @@ class LARS(keras.optimizers.Optimizer):
         decay = self.weight_decay if self._decayed[index] else 0.0
         update = gradient + decay * variable if decay else gradient
         if self._adapted[index]:
-            weight_norm, gradient_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(gradient, [-1]))
+            weight_norm, gradient_norm = _norm(variable), _norm(gradient)
             ratio = self.trust_coefficient * weight_norm / (gradient_norm + decay * weight_norm + self.epsilon)
             usable = ops.logical_and(weight_norm > 0, gradient_norm > 0)
             update = update * ops.where(usable, ratio, ops.ones_like(ratio))
