@@ -33,8 +33,11 @@ def bn_mlp(width, hidden, **options):
 
 HARNESS = {
     "moco": lambda: keras_pcl.MoCo(encoder(), backbones.mlp_head(16, 32), queue_size=64, momentum=0.9),
+    # PCL with every option off its default, so each check covers them (sampled negatives, bank, ...).
     "pcl": lambda: keras_pcl.PCL(encoder(), backbones.mlp_head(16, 32), num_samples=NUM_IMAGES,
-                                 num_clusters=(4, 6), warmup_epochs=1, queue_size=64, momentum=0.9),
+                                 num_clusters=(4, 6), warmup_epochs=1, queue_size=64, momentum=0.9,
+                                 num_negative_prototypes=3, use_feature_bank=True, prototype_temperature=0.1,
+                                 prototype_weight=0.5, symmetric=True),
     "simclr": lambda: keras_pcl.SimCLR(encoder(), bn_mlp(16, (32,)), temperature=0.2),
     "byol": lambda: keras_pcl.BYOL(encoder(), bn_mlp(16, (32,)), bn_mlp(16, (32,)), momentum=0.9),
     "simsiam": lambda: keras_pcl.SimSiam(encoder(), bn_mlp(16, (16, 16), output_norm="batch_no_affine"),

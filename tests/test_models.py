@@ -1,4 +1,5 @@
-"""MoCo and PCL: queue, EMA, warm-up switch, fit with the E-step, strategies, saving."""
+"""MoCo and PCL: queue, EMA, warm-up switch, fit with the E-step, strategies, saving
+(the round trips of every method are in test_methods.py)."""
 
 import warnings
 
@@ -368,42 +369,6 @@ def test_two_replicas_match_one(digits, tmp_path, mirrored):
                              restored.weights + restored.optimizer.variables):
         for copy in getattr(loaded.value, "values", [loaded.value]):
             np.testing.assert_array_equal(copy.numpy(), np.asarray(saved.value.values[0]), err_msg=loaded.path)
-
-
-@pytest.mark.parametrize("build", [tiny_moco, lambda: tiny_pcl(64, num_negative_prototypes=3, use_feature_bank=True,
-                                                                prototype_temperature=0.1, prototype_weight=0.5,
-                                                                symmetric=True)])
-def test_config_and_keras_file_round_trip(tmp_path, digits, build):
-    model = build()
-    model.compile(optimizer=keras.optimizers.SGD(0.1))
-    images = digits[0][:64]
-    callbacks = [keras_pcl.PrototypeUpdate(data.eval_dataset(images), verbose=0)] if isinstance(model, keras_pcl.PCL) else []
-    model.fit(fixed_views(images), epochs=2, callbacks=callbacks, verbose=0)
-    config = model.get_config()
-    clone = type(model).from_config(config)
-    assert clone.get_config() == config
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # e.g. "Skipping variable loading for optimizer"
-        loaded = keras.models.load_model(path)
-    assert type(loaded) is type(model)
-    x = data.to_float(images[:8])
-    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
-    np.testing.assert_allclose(loaded.embed_keys(x).numpy(), model.embed_keys(x).numpy(), atol=1e-6)
-    np.testing.assert_array_equal(loaded.queue.keys.numpy(), model.queue.keys.numpy())
-    # The optimizer state comes back too (it trains the query encoder only).
-    query = model.backbone.trainable_weights + model.head.trainable_weights
-    assert len(model.trainable_weights) == len(model.trainable_variables) == len(query)
-    assert [v.shape for v in loaded.optimizer.variables] == [v.shape for v in model.optimizer.variables]
-    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(loaded.queue.pointer.numpy()) == int(model.queue.pointer.numpy())
-    if isinstance(model, keras_pcl.PCL):
-        for a, b in zip(loaded.prototypes + loaded.concentrations, model.prototypes + model.concentrations):
-            np.testing.assert_array_equal(a.numpy(), b.numpy())
-        np.testing.assert_array_equal(loaded.assignments.numpy(), model.assignments.numpy())
-        np.testing.assert_array_equal(loaded.feature_bank.numpy(), model.feature_bank.numpy())
 
 
 class DivergeAt(keras.callbacks.Callback):

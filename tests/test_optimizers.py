@@ -302,6 +302,15 @@ def compiled_tiny_model(seed, exclude_from_layer_adaptation=None):
     return model
 
 
+def assert_same_velocities(model, other):
+    """`other`'s LARS velocities equal `model`'s, which are not all zero."""
+    want = velocities(model.optimizer, model.trainable_variables)
+    got = velocities(other.optimizer, other.trainable_variables)
+    assert any(np.abs(v.numpy()).max() > 0 for v in want)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+
+
 def test_keras_file_round_trip_keeps_optimizer_state(rng, tmp_path):
     x, y = tiny_data(rng)
     model = compiled_tiny_model(5, exclude_from_layer_adaptation=["out/"])
@@ -312,11 +321,7 @@ def test_keras_file_round_trip_keeps_optimizer_state(rng, tmp_path):
     assert type(loaded.optimizer) is LARS
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 2
-    want = velocities(model.optimizer, model.trainable_variables)
-    got = velocities(loaded.optimizer, loaded.trainable_variables)
-    assert any(np.abs(v.numpy()).max() > 0 for v in want)
-    for a, b in zip(want, got):
-        np.testing.assert_array_equal(b.numpy(), a.numpy())
+    assert_same_velocities(model, loaded)
     # And it goes on exactly as the original would.
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
@@ -333,11 +338,7 @@ def test_tf_train_checkpoint_restores_velocities(rng, tmp_path):
     fresh.optimizer.build(fresh.trainable_variables)
     tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).restore(path).assert_existing_objects_matched()
     assert int(fresh.optimizer.iterations.numpy()) == 2
-    want = velocities(model.optimizer, model.trainable_variables)
-    got = velocities(fresh.optimizer, fresh.trainable_variables)
-    assert any(np.abs(v.numpy()).max() > 0 for v in want)
-    for a, b in zip(want, got):
-        np.testing.assert_array_equal(b.numpy(), a.numpy())
+    assert_same_velocities(model, fresh)
     for a, b in zip(model.get_weights(), fresh.get_weights()):
         np.testing.assert_array_equal(b, a)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
