@@ -312,7 +312,7 @@ def main(argv):
         model.check_batch_size(config.batch_size)
     except keras_pcl.InvalidInputError as error:
         raise UsageError(f"--batch_size {config.batch_size}: {error}") from None
-    views = augment.view_augmentations(config.augmentation, image_size, split.image_shape[-1], crop)
+    views = method.views(augment, config, image_size, split.image_shape[-1], crop)
 
     out = config.output_dir
     if config.overwrite and os.path.isdir(os.path.join(out, "checkpoints")):

@@ -219,6 +219,29 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
     return [view(1.0, 0.0, "byol_view1_augment"), view(0.1, 0.2, "byol_view2_augment")]
 
 
+def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None, large_scale=(0.14, 1.0),
+               small_scale=(0.05, 0.14), preset="simclr"):
+    """SwAV's multi-crop: `num_large` views at `image_size` and `num_small` at `small_size`
+    (default: 0.56 of the side, as 18 of 32 and 96 of 224 px), each a `preset` augmentation
+    (default SimCLR's colour distortion, flip and blur) with its own crop scale.
+
+    Returns:
+        A list of `num_large + num_small` augmentation layers, large ones first (one layer
+        per group, repeated: each call draws its own crop).
+    """
+    if num_large < 1 or num_small < 0:
+        raise InvalidInputError(f"multi_crop needs num_large >= 1 and num_small >= 0, got {num_large}, {num_small}.")
+    if preset not in PRESETS:
+        raise InvalidInputError(f"unknown augmentation {preset!r} for multi-crop; choose one of {sorted(PRESETS)}.")
+    small_size = small_size or max(2, round(0.56 * image_size))
+    if num_small and not 1 <= small_size <= image_size:
+        raise InvalidInputError(f"small crops of {small_size} px must be between 1 and the image size {image_size}.")
+    views = [PRESETS[preset](image_size, channels, tuple(large_scale))] * num_large
+    if num_small:
+        views += [PRESETS[preset](small_size, channels, tuple(small_scale))] * num_small
+    return views
+
+
 def _blur(image_size):
     return keras.layers.RandomGaussianBlur(
         factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1))

@@ -53,6 +53,15 @@ def all_reduce_sum(tensor):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, tensor)
 
 
+def all_reduce_max(tensor):
+    """Elementwise maximum of `tensor` over all replicas (identity on one replica)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensor
+    # tf.distribute reduces by SUM or MEAN only: gather the replicas' values, then take the max.
+    return tf.reduce_max(context.all_gather(tf.identity(tensor)[None], axis=0), axis=0)
+
+
 def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 

@@ -10,6 +10,9 @@ Shapes: `B` batch, `d` embedding dim, `r` queue length, `K` prototypes.
 
 import tensorflow as tf
 
+from keras_pcl.distributed import all_reduce_max, all_reduce_sum, num_replicas
+from keras_pcl.errors import InvalidInputError
+
 
 def _f32(x):
     return tf.cast(x, tf.float32)
@@ -203,3 +206,99 @@ def negative_cosine(p, z):
     p = tf.math.l2_normalize(_f32(p), axis=-1)
     z = tf.math.l2_normalize(tf.stop_gradient(_f32(z)), axis=-1)
     return -tf.reduce_sum(p * z, axis=-1)
+
+
+def sinkhorn(scores, epsilon=0.05, iterations=3, shared_rows=0, shared_weight=1.0):
+    """Equal-partition codes of SwAV (Caron et al., 2020) by Sinkhorn-Knopp, without gradient.
+
+    `Q = exp(scores / epsilon)`, then, `iterations` times, every prototype's
+    total mass (a column sum over all samples) is made `1/K` and every
+    sample's (a row sum) `1/N`; the result is `N * Q`, each row summing to 1.
+    Computed in the log domain (a log-sum-exp per normalisation), so no finite
+    input overflows: `scores / epsilon` reaches 20 for unit vectors and far more
+    for unnormalised ones.
+
+    Under a distribution strategy the column sums, `N` and the maximum are
+    all-reduced across replicas, so each replica's rows are the codes of the
+    whole global batch computed on one device.
+
+    Args:
+        scores: `[B, K]` prototype scores of this replica's samples.
+        epsilon: positive float; smaller is sharper.
+        iterations: normalisation rounds, >= 1.
+        shared_rows: the first `shared_rows` rows are the same on every replica
+            (SwAV's queue of past embeddings) and count once in the sums, not
+            once per replica.
+        shared_weight: 1, or 0 to leave the shared rows out of the sums (a queue
+            not in use yet); a scalar that may be a tensor.
+
+    Returns:
+        `[B, K]` float32 codes, no gradient; rows sum to 1.
+    """
+    scores = tf.stop_gradient(_f32(scores))
+    rows = tf.shape(scores)[0]
+    # Row weights in the cross-replica sums: 1 for this replica's samples; shared rows
+    # 1/R on each of the R replicas, so all-reduced they count once.
+    local = tf.cast(tf.range(rows) >= shared_rows, tf.float32)
+    weight = local + (1.0 - local) * tf.cast(shared_weight, tf.float32) / num_replicas()
+    total = all_reduce_sum(tf.reduce_sum(weight))
+    log_weight = tf.where(weight > 0, tf.math.log(tf.maximum(weight, 1e-30)), -1e30)[:, None]
+    log_k = tf.math.log(tf.cast(tf.shape(scores)[1], tf.float32))
+    # Halving before subtracting keeps the difference finite for any finite scores;
+    # -inf after the division (a score ~1e37 below the maximum) is clamped.
+    top = all_reduce_max(tf.reduce_max(scores))
+    log_q = tf.maximum((scores / 2.0 - top / 2.0) * (2.0 / epsilon), -1e30)
+    for _ in range(iterations):
+        # Each prototype's mass over all weighted samples of all replicas: 1/K.
+        weighted = log_q + log_weight
+        peak = all_reduce_max(tf.reduce_max(weighted, axis=0))
+        mass = all_reduce_sum(tf.reduce_sum(tf.exp(weighted - peak), axis=0))
+        log_q = log_q - (peak + tf.math.log(mass)) - log_k
+        # Each sample's mass: 1/N (a row is on one replica only: no collective).
+        log_q = log_q - tf.reduce_logsumexp(log_q, axis=1, keepdims=True) - tf.math.log(total)
+    return tf.exp(log_q + tf.math.log(total))
+
+
+def swav(crop_scores, num_large_crops=2, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
+         queue_scores=None, queue_weight=1.0, return_codes=False):
+    """SwAV's swapped prediction loss over multi-crop views, per sample.
+
+    For each large crop i, its codes `q_i = sinkhorn(scores_i)` (detached;
+    with `queue_scores[i]`, the queue's scores join the Sinkhorn step and only
+    the batch's rows are kept) are the targets of every other crop v's
+    prediction `softmax(scores_v / T)`; the loss is the mean over large crops
+    i of the mean over the other crops v of `-sum_k q_i log softmax(scores_v / T)`.
+
+    Args:
+        crop_scores: list of `[B, K]` prototype scores, large crops first.
+        num_large_crops: how many of the first crops are large (get codes).
+        temperature: positive float `T` of the predictions.
+        epsilon, sinkhorn_iterations: as in `sinkhorn`.
+        queue_scores: None or a list (one per large crop) of `[r, K]` scores of
+            past embeddings, the same on every replica.
+        queue_weight: 1, or 0 to leave the queue out (not filled yet); may be a tensor.
+        return_codes: also return the large crops' codes (for monitors).
+
+    Returns:
+        `[B]` loss, or `(loss, [codes_i [B, K] per large crop])` with `return_codes`.
+    """
+    crop_scores = [_f32(s) for s in crop_scores]
+    if not 1 <= num_large_crops <= len(crop_scores) or len(crop_scores) < 2:
+        raise InvalidInputError(f"swav needs at least 2 crops and 1 to {len(crop_scores)} large ones, "
+                         f"got {len(crop_scores)} crops and num_large_crops={num_large_crops}.")
+    log_predictions = [tf.nn.log_softmax(s / temperature, axis=1) for s in crop_scores]
+    per_sample, all_codes = [], []
+    for i in range(num_large_crops):
+        scores = crop_scores[i]
+        if queue_scores is None:
+            codes = sinkhorn(scores, epsilon, sinkhorn_iterations)
+        else:
+            queued = _f32(queue_scores[i])
+            codes = sinkhorn(tf.concat([queued, scores], axis=0), epsilon, sinkhorn_iterations,
+                             shared_rows=tf.shape(queued)[0], shared_weight=queue_weight)[tf.shape(queued)[0]:]
+        others = [v for v in range(len(crop_scores)) if v != i]
+        per_sample.append(tf.add_n([-tf.reduce_sum(codes * log_predictions[v], axis=1) for v in others])
+                          / len(others))
+        all_codes.append(codes)
+    loss = tf.add_n(per_sample) / num_large_crops
+    return (loss, all_codes) if return_codes else loss

@@ -42,7 +42,12 @@ HARNESS = {
     "byol": lambda: keras_pcl.BYOL(encoder(), bn_mlp(16, (32,)), bn_mlp(16, (32,)), momentum=0.9),
     "simsiam": lambda: keras_pcl.SimSiam(encoder(), bn_mlp(16, (16, 16), output_norm="batch_no_affine"),
                                          bn_mlp(16, (4,)), predictor_learning_rate=0.05),
+    # Small crops and a queue that fills in the first epoch and is used once full (from step 3).
+    "swav": lambda: keras_pcl.SwAV(encoder(), bn_mlp(16, (32,)), num_prototypes=12, queue_size=32,
+                                   queue_start_epoch=0),
 }
+# Views beyond the two full-size ones, for methods that take more (SwAV's small crops).
+SMALL_CROPS = {"swav": 2}
 METHODS = sorted(HARNESS)
 
 
@@ -72,11 +77,13 @@ def images(digits):
     return digits[0][:NUM_IMAGES]
 
 
-def batches(images, count=None):
-    """Deterministic batches: two fixed, different views (the image and its mirror)."""
+def batches(images, count=None, name=None):
+    """Deterministic batches: two fixed, different views (the image and its mirror), and for
+    SMALL_CROPS methods 4x4 crops of the four corners."""
     x = data.to_float(images)
+    small = [x[:, :4, :4], x[:, 4:, 4:], x[:, :4, 4:], x[:, 4:, :4]][:SMALL_CROPS.get(name, 0)]
     ds = tf.data.Dataset.from_tensor_slices(
-        {"views": (x, x[:, :, ::-1]), "index": np.arange(len(images), dtype=np.int32)})
+        {"views": (x, x[:, :, ::-1], *small), "index": np.arange(len(images), dtype=np.int32)})
     ds = ds.batch(BATCH, drop_remainder=True)
     return ds if count is None else ds.take(count)
 
@@ -95,7 +102,7 @@ def assert_same_state(a, b, atol=0.0, rtol=0.0):
 @pytest.mark.parametrize("name", METHODS)
 def test_one_step_gives_finite_declared_logs(name, images):
     model = build(name)
-    model.fit(batches(images, 1), epochs=1, callbacks=fit_callbacks(model, images), verbose=0)
+    model.fit(batches(images, 1, name=name), epochs=1, callbacks=fit_callbacks(model, images), verbose=0)
     logs = {k: float(v) for k, v in model.get_metrics_result().items()}
     assert set(logs) == {"loss", *model.loss_names, *model.metric_names}
     assert all(np.isfinite(v) for v in logs.values()), logs
@@ -106,7 +113,7 @@ def test_one_step_gives_finite_declared_logs(name, images):
 @pytest.mark.parametrize("name", METHODS)
 def test_config_and_keras_file_round_trip_keep_weights_and_state(name, images, tmp_path):
     model = build(name)
-    model.fit(batches(images), epochs=2, callbacks=fit_callbacks(model, images), verbose=0)
+    model.fit(batches(images, name=name), epochs=2, callbacks=fit_callbacks(model, images), verbose=0)
     config = model.get_config()
     clone = type(model).from_config(config)
     assert clone.get_config() == config
@@ -127,9 +134,9 @@ def test_config_and_keras_file_round_trip_keep_weights_and_state(name, images, t
 @pytest.mark.parametrize("name", METHODS)
 def test_evaluate_changes_no_state(name, images):
     model = build(name)
-    model.fit(batches(images), epochs=2, callbacks=fit_callbacks(model, images), verbose=0)
+    model.fit(batches(images, name=name), epochs=2, callbacks=fit_callbacks(model, images), verbose=0)
     before = state(model)
-    results = model.evaluate(batches(images), verbose=0, return_dict=True)
+    results = model.evaluate(batches(images, name=name), verbose=0, return_dict=True)
     assert set(results) == {"loss", *model.loss_names, *model.metric_names}
     assert np.isfinite(results["loss"])
     assert_same_state(state(model), before)
@@ -140,7 +147,7 @@ def test_two_replicas_match_one_on_the_first_step(name, images, mirrored):
     single = build(name)
     with mirrored.scope():
         replicated = build(name)
-    step = batches(images, 1)
+    step = batches(images, 1, name=name)
     loss = single.fit(step, epochs=1, callbacks=fit_callbacks(single, images), verbose=0).history["loss"][0]
     with mirrored.scope():
         callbacks = fit_callbacks(replicated, images)
@@ -159,8 +166,8 @@ def test_two_replicas_match_one_on_the_first_step(name, images, mirrored):
 @pytest.mark.parametrize("name", METHODS)
 def test_xla_step_matches_graph_mode(name, images):
     graph, xla = build(name, jit_compile=False), build(name, jit_compile=True)
-    history = graph.fit(batches(images, 2), epochs=1, callbacks=fit_callbacks(graph, images), verbose=0).history
-    history_xla = xla.fit(batches(images, 2), epochs=1, callbacks=fit_callbacks(xla, images), verbose=0).history
+    history = graph.fit(batches(images, 2, name=name), epochs=1, callbacks=fit_callbacks(graph, images), verbose=0).history
+    history_xla = xla.fit(batches(images, 2, name=name), epochs=1, callbacks=fit_callbacks(xla, images), verbose=0).history
     for term in graph.loss_names:
         np.testing.assert_allclose(history_xla[term], history[term], rtol=1e-3, atol=1e-5)
     assert_same_state(state(xla), state(graph), atol=1e-4, rtol=1e-3)
@@ -182,15 +189,15 @@ class StopAfterEpoch(keras.callbacks.Callback):
 def test_resumed_run_ends_equal_to_the_run_straight_through(name, images, tmp_path):
     epochs = 3
     straight = build(name)
-    straight.fit(batches(images), epochs=epochs, callbacks=fit_callbacks(straight, images), verbose=0)
+    straight.fit(batches(images, name=name), epochs=epochs, callbacks=fit_callbacks(straight, images), verbose=0)
 
     interrupted = build(name)
     checkpoint = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt"))
-    interrupted.fit(batches(images), epochs=epochs,
+    interrupted.fit(batches(images, name=name), epochs=epochs,
                     callbacks=fit_callbacks(interrupted, images) + [checkpoint, StopAfterEpoch(0)], verbose=0)
     resumed = build(name, seed=11)  # other initial weights: everything must come from the checkpoint
     initial_epoch = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt")).restore(resumed)
     assert initial_epoch == 1
-    resumed.fit(batches(images), epochs=epochs, initial_epoch=initial_epoch,
+    resumed.fit(batches(images, name=name), epochs=epochs, initial_epoch=initial_epoch,
                 callbacks=fit_callbacks(resumed, images), verbose=0)
     assert_same_state(state(resumed), state(straight), atol=1e-6)

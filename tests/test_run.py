@@ -156,6 +156,14 @@ BAD_INPUTS = [
     ("byol unknown schedule", ["--method=byol", "--momentum_schedule=linear"], "--momentum_schedule=linear: value"),
     ("simsiam head width 0", ["--method=simsiam", "--hidden_dim=0"], "--hidden_dim must be >= 1"),
     ("simsiam negative learning rate", ["--method=simsiam", "--learning_rate=-0.1"], "--learning_rate must be > 0"),
+    ("swav zero epsilon", ["--method=swav", "--epsilon=0"], "--epsilon must be > 0"),
+    ("swav no prototypes", ["--method=swav", "--num_prototypes=0"], "--num_prototypes must be >= 1"),
+    ("swav one prototype", ["--method=swav", "--num_prototypes=1"], "num_prototypes must be an integer >= 2"),
+    ("swav queue not a multiple", ["--method=swav", "--queue_size=1000"], "--queue_size 1000 is not a multiple"),
+    ("swav bad small crop scale", ["--method=swav", "--small_crop_scale=0.5"], "--small_crop_scale takes two numbers"),
+    ("swav small crops too large", ["--method=swav", "--num_small_crops=2", "--small_crop_size=9"],
+     "small crops of 9 px must be between 1 and the image size 8"),
+    ("swav bad freeze", ["--method=swav", "--freeze_prototypes_steps=-2"], "--freeze_prototypes_steps must be >= 0"),
 ]
 
 
@@ -201,7 +209,7 @@ def test_command_line_error_has_no_traceback():
     assert out.stderr.strip() == "run.py: error: --temperature must be > 0, got -1.0."
 
 
-@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam"])
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam", "swav"])
 def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_path, capsys, method, digits):
     """--flagfile=quickstart.cfg --method=M (PCL: test_quickstart_writes_every_output): results beside raw
     pixels, a SavedModel serving `embed`, model.keras, the curves of the method's own logs and t-SNE."""
@@ -215,7 +223,8 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     if extra:
         assert "--method=byol does not use --queue_size; ignored." in printed
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == method and "queue_size" not in config or method == "moco"
+    assert config["method"] == method
+    assert ("queue_size" in config) == (method in ("moco", "swav"))  # only the method's own flags
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == method
     for row in ("encoder", "raw_pixels"):
@@ -230,7 +239,13 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     served = tf.saved_model.load(str(out / "saved_model"))
     features = served.embed(tf.constant(digits[0][:5]))["features"].numpy()
     assert features.shape[0] == 5 and np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
-    assert not hasattr(served, "assign")  # no prototypes, no assign endpoint
+    if method == "swav":  # learnt prototypes: assign serves the nearest one, and the gallery shows them
+        assigned = served.assign(tf.constant(digits[0][:5]))
+        assert assigned["prototype"].shape == (5, 1) and (assigned["similarity"].numpy() <= 1 + 1e-5).all()
+        assert (out / f"prototypes_k{config['num_prototypes']}.png").exists()
+        assert {"prototypes_used", "code_entropy", "output_std"} <= set(history)
+    else:
+        assert not hasattr(served, "assign")  # no prototypes, no assign endpoint
 
 
 def runner_model_class(method):

@@ -11,6 +11,7 @@ from keras_pcl.models.pcl import PCL
 from keras_pcl.models.queue import KeyQueue
 from keras_pcl.models.simclr import SimCLR
 from keras_pcl.models.simsiam import SimSiam
+from keras_pcl.models.swav import SwAV
 
 __all__ = ["BYOL", "Batch", "ContrastiveModel", "KeyQueue", "METHODS", "MoCo", "PCL", "PrototypeSpace", "SimCLR",
-           "SimSiam", "WorkerLostError", "heads", "momentum"]
+           "SimSiam", "SwAV", "WorkerLostError", "heads", "momentum"]

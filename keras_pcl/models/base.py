@@ -136,6 +136,13 @@ class ContrastiveModel(keras.Model):
         self._trackers = {name: keras.metrics.Mean(name=name)
                           for name in ("loss",) + tuple(self.loss_names) + tuple(self.metric_names)}
 
+    def set_metric(self, name, metric):
+        """Reports the declared metric `name` with `metric` (a `keras.metrics.Metric` fed
+        `outputs[name]` each step, e.g. an epoch-level count) instead of a running mean."""
+        if name not in self.metric_names:
+            raise InvalidInputError(f"{name!r} is not one of {type(self).__name__}'s metric_names {self.metric_names}.")
+        self._trackers[name] = metric
+
     # What a method declares ---------------------------------------------------
     def forward(self, batch, training):
         """`(losses, outputs)`: per-sample `[B]` loss terms named by `loss_names`, and a dict

@@ -63,8 +63,12 @@ class KeyQueue(keras.layers.Layer):
                 f"queue_size={self.size} is not a multiple of the global batch size {global_batch}; "
                 f"choose a queue_size divisible by it (e.g. {-(-self.size // global_batch) * global_batch}).")
 
-    def enqueue(self, keys, labels=None):
-        """Writes this step's rows (of every replica) at the pointer and advances it."""
+    def enqueue(self, keys, labels=None, enabled=True):
+        """Writes this step's rows (of every replica) at the pointer and advances it.
+
+        `enabled`: a boolean (tensor) scalar; False leaves the queue as it is (SwAV
+        fills its queue only from a given epoch), without a branch in the graph.
+        """
         if self.with_labels and labels is None:
             raise InvalidInputError("this queue keeps labels: pass labels= to enqueue.")
         keys = tf.cast(gather_across_replicas(keys), self.keys.dtype)
@@ -72,14 +76,19 @@ class KeyQueue(keras.layers.Layer):
         tf.debugging.assert_equal(self.size % batch, 0,
                                   message="queue size must be a multiple of the global batch size")
         rows = ((self.pointer + tf.range(batch)) % self.size)[:, None]
+        enabled = tf.convert_to_tensor(enabled, tf.bool)
+
+        def gated(variable, value):
+            return variable, tf.where(enabled, value, tf.convert_to_tensor(variable))
+
         updates = [
-            (self.keys, tf.tensor_scatter_nd_update(self.keys, rows, keys)),
-            (self.pointer, (self.pointer + batch) % self.size),
-            (self.filled, tf.minimum(self.filled + batch, self.size)),
+            gated(self.keys, tf.tensor_scatter_nd_update(self.keys, rows, keys)),
+            gated(self.pointer, (self.pointer + batch) % self.size),
+            gated(self.filled, tf.minimum(self.filled + batch, self.size)),
         ]
         if self.with_labels:
             labels = tf.cast(gather_across_replicas(labels), tf.int32)
-            updates.append((self.labels, tf.tensor_scatter_nd_update(self.labels, rows, labels)))
+            updates.append(gated(self.labels, tf.tensor_scatter_nd_update(self.labels, rows, labels)))
         apply_once(updates)
 
     def call(self, inputs=None):
