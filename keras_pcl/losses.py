@@ -8,6 +8,7 @@ input dtype, so the losses stay exact under `mixed_bfloat16`.
 Shapes: `B` batch, `d` embedding dim, `r` queue length, `K` prototypes.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_pcl.distributed import all_reduce_max, all_reduce_sum, num_replicas
@@ -238,19 +239,22 @@ def sinkhorn(scores, epsilon=0.05, iterations=3, shared_rows=0, shared_weight=1.
     scores = tf.stop_gradient(_f32(scores))
     rows = tf.shape(scores)[0]
     # Row weights in the cross-replica sums: 1 for this replica's samples; shared rows
-    # 1/R on each of the R replicas, so all-reduced they count once.
+    # 1/R on each of the R replicas, so all-reduced they count once; 0 leaves a row out.
     local = tf.cast(tf.range(rows) >= shared_rows, tf.float32)
     weight = local + (1.0 - local) * tf.cast(shared_weight, tf.float32) / num_replicas()
+    counted = (weight > 0)[:, None]
     total = all_reduce_sum(tf.reduce_sum(weight))
-    log_weight = tf.where(weight > 0, tf.math.log(tf.maximum(weight, 1e-30)), -1e30)[:, None]
+    log_weight = tf.math.log(tf.where(counted, weight[:, None], 1.0))
     log_k = tf.math.log(tf.cast(tf.shape(scores)[1], tf.float32))
-    # Halving before subtracting keeps the difference finite for any finite scores;
-    # -inf after the division (a score ~1e37 below the maximum) is clamped.
-    top = all_reduce_max(tf.reduce_max(scores))
-    log_q = tf.maximum((scores / 2.0 - top / 2.0) * (2.0 / epsilon), -1e30)
+    # The first step normalises each prototype's column, so a shift per column changes
+    # nothing: subtracting each column's maximum over the rows that count keeps every
+    # exponent <= 0 there. Halving before subtracting keeps the difference finite for any
+    # finite scores; beyond float32's range after dividing by epsilon, it is clipped.
+    top = all_reduce_max(tf.reduce_max(tf.where(counted, scores, -np.inf), axis=0))
+    log_q = tf.clip_by_value((scores / 2.0 - top / 2.0) * (2.0 / epsilon), -1e37, 1e37)
     for _ in range(iterations):
-        # Each prototype's mass over all weighted samples of all replicas: 1/K.
-        weighted = log_q + log_weight
+        # Each prototype's mass over all counted samples of all replicas: 1/K.
+        weighted = tf.where(counted, log_q + log_weight, -np.inf)
         peak = all_reduce_max(tf.reduce_max(weighted, axis=0))
         mass = all_reduce_sum(tf.reduce_sum(tf.exp(weighted - peak), axis=0))
         log_q = log_q - (peak + tf.math.log(mass)) - log_k

@@ -321,3 +321,394 @@ def test_nt_xent_and_negative_cosine_run_in_float32_for_bfloat16_inputs(rng):
     cosine = losses.negative_cosine(z1, z2)
     assert cosine.dtype == tf.float32
     np.testing.assert_allclose(cosine.numpy(), reference_negative_cosine(exact1, exact2), rtol=1e-5, atol=1e-6)
+
+
+# --- Sinkhorn-Knopp codes and SwAV's swapped prediction ---------------------------------------
+
+from scipy.special import logsumexp  # noqa: E402
+
+import keras_pcl  # noqa: E402
+
+
+def reference_sinkhorn(scores, epsilon, iterations, weights=None):
+    """SwAV's official Sinkhorn-Knopp in float64 with plain loops: Q = exp(S / eps), then `iterations`
+    times every prototype's mass over the samples is made 1/K and every sample's 1/N; returns N * Q.
+
+    `weights`: each row's weight in the column sums and in N (1 by default; 0 leaves a row out)."""
+    s = np.asarray(scores, np.float64)
+    rows, k = s.shape
+    w = np.ones(rows) if weights is None else np.asarray(weights, np.float64)
+    n = w.sum()
+    q = np.exp(s / epsilon)
+    q /= q.sum()
+    for _ in range(iterations):
+        for j in range(k):
+            q[:, j] /= sum(w[b] * q[b, j] for b in range(rows)) * k
+        for b in range(rows):
+            q[b] /= q[b].sum() * n
+    return q * n
+
+
+def reference_sinkhorn_log(scores, epsilon, iterations):
+    """The same algorithm in the float64 log domain, for scores whose exp overflows (|S / eps| up to 7e39)."""
+    log_q = np.asarray(scores, np.float64) / epsilon
+    rows, k = log_q.shape
+    for _ in range(iterations):
+        log_q = log_q - logsumexp(log_q, axis=0, keepdims=True) - np.log(k)
+        log_q = log_q - logsumexp(log_q, axis=1, keepdims=True) - np.log(rows)
+    return np.exp(log_q + np.log(rows))
+
+
+def log_softmax64(logits):
+    logits = np.asarray(logits, np.float64)
+    return np.array([log_softmax_at(logits, j) for j in range(len(logits))])
+
+
+def prototype_scores(rng, batch, num_prototypes, dim=8):
+    """Cosines in [-1, 1] of unit embeddings with unit prototypes, float32."""
+    return normalized(rng, batch, dim) @ normalized(rng, num_prototypes, dim).T
+
+
+def column_violation(codes):
+    """L1 distance of the column sums of `codes` [N, K] from the equal partition N / K."""
+    codes = np.asarray(codes, np.float64)
+    return np.abs(codes.sum(0) - len(codes) / codes.shape[1]).sum()
+
+
+@pytest.mark.parametrize("batch,num_prototypes", [(3, 7), (8, 5), (16, 16), (20, 3)])
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_sinkhorn_matches_reference(rng, batch, num_prototypes, epsilon, iterations):
+    scores = prototype_scores(rng, batch, num_prototypes)
+    got = losses.sinkhorn(scores, epsilon, iterations)
+    assert got.dtype == tf.float32 and got.shape == (batch, num_prototypes)
+    got = got.numpy()
+    want = reference_sinkhorn(scores, epsilon, iterations)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    # Loose balance check (3 rounds are far from converged): every prototype's mass within 75% of N / K.
+    if iterations == 3 and batch >= num_prototypes:
+        np.testing.assert_allclose(got.sum(0), batch / num_prototypes, rtol=0.75)
+    # The defaults are epsilon 0.05 and 3 iterations.
+    if epsilon == 0.05 and iterations == 3:
+        np.testing.assert_array_equal(losses.sinkhorn(scores).numpy(), got)
+
+
+def test_sinkhorn_converges_to_the_equal_partition(rng):
+    scores = prototype_scores(rng, 16, 5)
+    violations = [column_violation(losses.sinkhorn(scores, 0.1, n).numpy()) for n in (1, 3, 10, 30, 100)]
+    assert all(a > b for a, b in zip(violations, violations[1:])), violations
+    codes = losses.sinkhorn(scores, 0.1, 100).numpy()
+    np.testing.assert_allclose(codes.sum(0), 16 / 5, rtol=1e-4)
+    np.testing.assert_allclose(codes.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(codes, reference_sinkhorn(scores, 0.1, 100), rtol=1e-4, atol=1e-6)
+
+
+def assert_valid_codes(codes, shape):
+    codes = np.asarray(codes)
+    assert codes.shape == shape and codes.dtype == np.float32
+    assert np.isfinite(codes).all(), codes
+    assert (codes >= 0).all() and (codes <= 1 + 1e-6).all(), codes
+    np.testing.assert_allclose(codes.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e10])
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8)])
+def test_sinkhorn_of_unnormalised_scores_matches_log_domain_reference(rng, scale, epsilon, shape):
+    # scale 1e3, epsilon 0.05: exponents up to 2e4, far past float32's (and float64's) exp range.
+    scores = (prototype_scores(rng, *shape) * np.float32(scale)).astype(np.float32)
+    got = losses.sinkhorn(scores, epsilon, 3).numpy()
+    assert_valid_codes(got, shape)
+    np.testing.assert_allclose(got, reference_sinkhorn_log(scores, epsilon, 3), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+def test_sinkhorn_is_finite_for_extreme_scores(rng, epsilon):
+    big = np.float32(3.4e38)
+    # Scores of order 1e30: exponents ~2e31.
+    huge = (prototype_scores(rng, 8, 5) * np.float32(1e30)).astype(np.float32)
+    assert_valid_codes(losses.sinkhorn(huge, epsilon, 3).numpy(), (8, 5))
+    # Rows at +-float32 max among ordinary ones.
+    mixed = prototype_scores(rng, 6, 4)
+    mixed[2, 1], mixed[4, 3] = big, -big
+    got = losses.sinkhorn(mixed, epsilon, 3).numpy()
+    assert_valid_codes(got, (6, 4))
+    assert got[2].argmax() == 1  # by 3.4e38 / eps, this sample's prototype
+    for scores in ([[big, -big], [-big, big]], [[big, -big], [0.0, 1.0], [1.0, 0.0]], [[big, big, -big]] * 3,
+                   [[-big, -big, 0.5, 3.0e38]], [[-big, 0.0, big], [big, -big, -big], [1e-30, -1e-30, 0.0]]):
+        scores = np.array(scores, np.float32)
+        assert_valid_codes(losses.sinkhorn(scores, epsilon, 3).numpy(), scores.shape)
+    # Both diagonals at the extremes: the exact codes are the identity.
+    np.testing.assert_allclose(losses.sinkhorn(np.array([[big, -big], [-big, big]], np.float32), epsilon).numpy(),
+                               np.eye(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.7, -1.0, 1e30, 3.4e38, -3.4e38])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 9)])
+def test_sinkhorn_of_equal_scores_is_uniform(value, shape):
+    got = losses.sinkhorn(np.full(shape, value, np.float32), 0.05, 3).numpy()
+    assert_valid_codes(got, shape)
+    np.testing.assert_allclose(got, 1.0 / shape[1], rtol=1e-6)
+
+
+def test_sinkhorn_of_one_row_or_one_prototype(rng):
+    # One sample: each prototype's mass is that one entry, so the codes are uniform whatever the scores.
+    for scores in (prototype_scores(rng, 1, 6), np.array([[5e3, -2e3, 0.0, 1e30]], np.float32)):
+        got = losses.sinkhorn(scores, 0.05, 3).numpy()
+        assert_valid_codes(got, scores.shape)
+        np.testing.assert_allclose(got, 1.0 / scores.shape[1], rtol=1e-6)
+    one = prototype_scores(rng, 1, 6)
+    np.testing.assert_allclose(losses.sinkhorn(one, 0.1, 1).numpy(), reference_sinkhorn(one, 0.1, 1), rtol=1e-5)
+    # One prototype: every sample's whole mass is on it.
+    for scores in (prototype_scores(rng, 7, 1), np.array([[3.4e38], [-3.4e38], [0.0]], np.float32)):
+        got = losses.sinkhorn(scores, 0.05, 3).numpy()
+        assert_valid_codes(got, scores.shape)
+        np.testing.assert_allclose(got, 1.0, rtol=1e-6)
+
+
+def test_sinkhorn_has_no_gradient(rng):
+    scores = tf.constant(prototype_scores(rng, 6, 4) * 3.0)
+    weights = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(scores)
+        codes = losses.sinkhorn(scores, 0.05, 3)
+        target = tf.reduce_sum(codes * weights)
+        with_queue = tf.reduce_sum(losses.sinkhorn(scores, 0.1, 2, shared_rows=2, shared_weight=0.0) * weights)
+    for value in (target, with_queue):
+        grad = tape.gradient(value, scores)
+        assert grad is None or not np.any(grad.numpy()), grad
+    # A plain softmax in its place does have a gradient: the check can fail.
+    with tf.GradientTape() as tape:
+        tape.watch(scores)
+        softmax = tf.reduce_sum(tf.nn.softmax(scores / 0.05) * weights)
+    assert np.abs(tape.gradient(softmax, scores).numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("queue_len,batch", [(4, 6), (10, 3), (1, 1)])
+def test_sinkhorn_shared_rows_on_one_device(rng, queue_len, batch):
+    queue, scores = prototype_scores(rng, queue_len, 5), prototype_scores(rng, batch, 5)
+    both = np.concatenate([queue, scores])
+    plain = losses.sinkhorn(both, 0.05, 3).numpy()
+    np.testing.assert_allclose(plain, reference_sinkhorn(both, 0.05, 3), rtol=1e-4, atol=1e-7)
+    # One replica: nothing to share, the shared rows count once as ordinary rows do.
+    for shared_rows in (queue_len, tf.constant(queue_len)):
+        shared = losses.sinkhorn(both, 0.05, 3, shared_rows=shared_rows).numpy()
+        np.testing.assert_allclose(shared, plain, rtol=1e-6, atol=1e-7)
+    # Weight 0: the queue is out of the sums, the batch's codes are those of the batch alone.
+    alone = losses.sinkhorn(scores, 0.05, 3).numpy()
+    for weight in (0.0, tf.constant(0.0)):
+        without = losses.sinkhorn(both, 0.05, 3, shared_rows=queue_len, shared_weight=weight).numpy()
+        assert_valid_codes(without, both.shape)
+        np.testing.assert_allclose(without[queue_len:], alone, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(without, reference_sinkhorn(both, 0.05, 3, [0.0] * queue_len + [1.0] * batch),
+                                   rtol=1e-4, atol=1e-7)
+    if batch > 1:  # with the queue in the sums the batch's codes differ: the check can fail
+        assert np.abs(plain[queue_len:] - alone).max() > 1e-3
+
+
+def sinkhorn_on_replicas(strategy, batch_scores, split, queue=None, shared_weight=1.0, epsilon=0.05, iterations=3):
+    """Replica 0 gets batch rows [:split], replica 1 [split:], both the same queue rows first; returns
+    each replica's codes (queue rows included)."""
+    parts = [batch_scores[:split], batch_scores[split:]]
+    local = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
+    queue_len = 0 if queue is None else len(queue)
+
+    @tf.function
+    def step(scores):
+        def replica_fn(scores):
+            if queue is not None:
+                scores = tf.concat([tf.constant(queue), scores], axis=0)
+            return losses.sinkhorn(scores, epsilon, iterations, shared_rows=queue_len, shared_weight=shared_weight)
+
+        return strategy.run(replica_fn, args=(scores,))
+
+    return [codes.numpy() for codes in strategy.experimental_local_results(step(local))]
+
+
+@pytest.mark.parametrize("split", [4, 5])  # even and uneven halves of the global batch of 8
+def test_sinkhorn_on_two_replicas_matches_the_global_batch(rng, mirrored, split):
+    assert mirrored.num_replicas_in_sync == 2
+    batch, queue = prototype_scores(rng, 8, 5), prototype_scores(rng, 6, 5)
+    r = len(queue)
+    # No queue: the replicas' rows are the one-device codes of the whole batch.
+    codes = sinkhorn_on_replicas(mirrored, batch, split)
+    assert [len(c) for c in codes] == [split, 8 - split]
+    want = losses.sinkhorn(batch, 0.05, 3).numpy()
+    np.testing.assert_allclose(np.concatenate(codes), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(want, reference_sinkhorn(batch, 0.05, 3), rtol=1e-4, atol=1e-7)
+    # Teeth: each half's own Sinkhorn is different.
+    halves = np.concatenate([losses.sinkhorn(batch[:split]).numpy(), losses.sinkhorn(batch[split:]).numpy()])
+    assert np.abs(halves - want).max() > 1e-3
+    # A queue on both replicas counts once: the codes of [queue; whole batch] on one device.
+    codes = sinkhorn_on_replicas(mirrored, batch, split, queue=queue)
+    assert [len(c) for c in codes] == [r + split, r + 8 - split]
+    both = np.concatenate([queue, batch])
+    want = losses.sinkhorn(both, 0.05, 3).numpy()
+    np.testing.assert_allclose(np.concatenate([c[r:] for c in codes]), want[r:], rtol=1e-5, atol=1e-7)
+    for c in codes:  # the queue rows too, identically on both replicas
+        np.testing.assert_allclose(c[:r], want[:r], rtol=1e-5, atol=1e-7)
+    # Teeth: the queue counted once per replica (weight 2) gives other codes.
+    twice = reference_sinkhorn(both, 0.05, 3, [2.0] * r + [1.0] * 8)
+    assert np.abs(twice[r:] - want[r:]).max() > 1e-3
+    # Queue weight 0: the codes of the whole batch alone.
+    codes = sinkhorn_on_replicas(mirrored, batch, split, queue=queue, shared_weight=0.0, epsilon=0.1, iterations=2)
+    np.testing.assert_allclose(np.concatenate([c[r:] for c in codes]), losses.sinkhorn(batch, 0.1, 2).numpy(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_on_two_replicas_with_unnormalised_scores(rng, mirrored):
+    # The maximum is all-reduced: a replica whose scores are 1e3 above the other's still matches one device.
+    batch = prototype_scores(rng, 8, 5) * np.float32(30.0)
+    batch[4:] += np.float32(1e3)
+    codes = np.concatenate(sinkhorn_on_replicas(mirrored, batch, 4))
+    want = losses.sinkhorn(batch, 0.05, 3).numpy()
+    assert_valid_codes(codes, (8, 5))
+    np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(want, reference_sinkhorn_log(batch, 0.05, 3), rtol=1e-4, atol=1e-5)
+
+
+def reference_swav(crop_scores, num_large_crops, temperature, epsilon, iterations, queue_scores=None,
+                   queue_weight=1.0):
+    """Per-sample loss and codes: mean over large crops i of the mean over the other crops v of
+    -q_i . log softmax(s_v / T), q_i the Sinkhorn codes of crop i (its queue rows first, then dropped)."""
+    crops = [np.asarray(s, np.float64) for s in crop_scores]
+    batch = len(crops[0])
+    codes = []
+    for i in range(num_large_crops):
+        if queue_scores is None:
+            codes.append(reference_sinkhorn(crops[i], epsilon, iterations))
+        else:
+            r = len(queue_scores[i])
+            weights = [queue_weight] * r + [1.0] * batch
+            both = np.concatenate([np.asarray(queue_scores[i], np.float64), crops[i]])
+            codes.append(reference_sinkhorn(both, epsilon, iterations, weights)[r:])
+    loss = np.zeros(batch)
+    for b in range(batch):
+        for i in range(num_large_crops):
+            others = [v for v in range(len(crops)) if v != i]
+            terms = [-(codes[i][b] @ log_softmax64(crops[v][b] / temperature)) for v in others]
+            loss[b] += sum(terms) / len(others) / num_large_crops
+    return loss, codes
+
+
+def reference_swav_gradient(crop_scores, codes, temperature, row_weights):
+    """d sum_b w_b loss_b / d s_v with the codes held constant: over large crops i != v,
+    w_b (softmax(s_vb / T) sum_k q_ibk - q_ib) / T / (num_large_crops * (num_crops - 1))."""
+    crops = [np.asarray(s, np.float64) for s in crop_scores]
+    num_large, num_crops = len(codes), len(crops)
+    grads = []
+    for v in range(num_crops):
+        grad = np.zeros_like(crops[v])
+        for b in range(len(crops[v])):
+            p = np.exp(log_softmax64(crops[v][b] / temperature))
+            for i in range(num_large):
+                if i != v:
+                    q = codes[i][b]
+                    grad[b] += row_weights[b] * (p * q.sum() - q) / temperature / (num_large * (num_crops - 1))
+        grads.append(grad)
+    return grads
+
+
+SWAV_CASES = {  # num_crops, num_large_crops, queue length, queue weight
+    "two_large": (2, 2, 0, None),
+    "two_large_three_small": (5, 2, 0, None),
+    "one_large_two_small": (3, 1, 0, None),
+    "queue": (4, 2, 7, 1.0),
+    "queue_weight_0": (4, 2, 7, 0.0),
+    "queue_weight_tensor_0": (2, 2, 3, "tensor0"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAV_CASES))
+@pytest.mark.parametrize("temperature,epsilon,iterations", [(0.1, 0.05, 3), (0.25, 0.1, 1)])
+def test_swav_matches_reference(rng, case, temperature, epsilon, iterations):
+    num_crops, num_large, queue_len, queue_weight = SWAV_CASES[case]
+    batch, num_prototypes = 6, 5
+    crops = [prototype_scores(rng, batch, num_prototypes) for _ in range(num_crops)]
+    queue = None if not queue_len else [prototype_scores(rng, queue_len, num_prototypes) for _ in range(num_large)]
+    weight = tf.constant(0.0) if queue_weight == "tensor0" else (1.0 if queue_weight is None else queue_weight)
+    kwargs = dict(num_large_crops=num_large, temperature=temperature, epsilon=epsilon,
+                  sinkhorn_iterations=iterations, queue_scores=queue, queue_weight=weight)
+    want_loss, want_codes = reference_swav(crops, num_large, temperature, epsilon, iterations, queue,
+                                           0.0 if queue_weight == "tensor0" else weight)
+    loss = losses.swav(crops, **kwargs)
+    assert loss.dtype == tf.float32 and loss.shape == (batch,)
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-4, atol=1e-5)
+    loss_again, codes = losses.swav(crops, return_codes=True, **kwargs)
+    np.testing.assert_allclose(loss_again.numpy(), loss.numpy(), rtol=1e-6)
+    assert len(codes) == num_large
+    for got, want in zip(codes, want_codes):
+        assert got.shape == (batch, num_prototypes) and got.dtype == tf.float32
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-7)
+    if queue_len and queue_weight != 1.0:  # the queue left out: the codes of the batch alone
+        for got, crop in zip(codes, crops):
+            np.testing.assert_allclose(got.numpy(), losses.sinkhorn(crop, epsilon, iterations).numpy(), rtol=1e-5)
+    if queue_len and queue_weight == 1.0:  # teeth: the queue does change the codes
+        assert np.abs(codes[0].numpy() - losses.sinkhorn(crops[0], epsilon, iterations).numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["two_large", "two_large_three_small", "one_large_two_small", "queue"])
+def test_swav_gradient_flows_only_through_the_predictions(rng, case):
+    num_crops, num_large, queue_len, _ = SWAV_CASES[case]
+    batch, num_prototypes, temperature = 6, 5, 0.1
+    crops = [tf.constant(prototype_scores(rng, batch, num_prototypes) * 2.0) for _ in range(num_crops)]
+    queue = None if not queue_len else [tf.constant(prototype_scores(rng, queue_len, num_prototypes))
+                                        for _ in range(num_large)]
+    row_weights = rng.uniform(0.5, 2.0, batch)
+
+    @tf.function
+    def loss_and_gradients(crops, queue):
+        sources = crops + (queue or [])
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            loss, codes = losses.swav(crops, num_large, temperature, 0.05, 3, queue_scores=queue, return_codes=True)
+            total = tf.reduce_sum(loss * row_weights.astype(np.float32))
+        return loss, codes, tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    loss, codes, all_grads = loss_and_gradients(crops, queue)
+    grads, queue_grads = all_grads[:num_crops], all_grads[num_crops:]
+    crops64 = [c.numpy() for c in crops]
+    want_loss, want_codes = reference_swav(crops64, num_large, temperature, 0.05, 3,
+                                           None if queue is None else [q.numpy() for q in queue])
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-4, atol=1e-5)
+    for got, want in zip(codes, want_codes):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-7)
+    want_grads = reference_swav_gradient(crops64, want_codes, temperature, row_weights)
+    for v, (got, want) in enumerate(zip(grads, want_grads)):
+        if num_large == 1 and v == 0:  # the only large crop predicts nothing: its scores get no gradient
+            np.testing.assert_array_equal(got.numpy(), 0.0)
+        else:
+            assert np.abs(want).max() > 1e-2
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=1e-5)
+    for grad in queue_grads:  # the queue only enters the (detached) codes
+        np.testing.assert_array_equal(grad.numpy(), 0.0)
+    # Teeth: were the codes differentiated too, the large crops' gradients would differ.
+    with tf.GradientTape() as tape:
+        tape.watch(crops)
+        probs = [tf.nn.softmax(c / 0.05) for c in crops[:num_large]]  # a differentiable stand-in for the codes
+        logp = [tf.nn.log_softmax(c / temperature) for c in crops]
+        other = tf.add_n([-tf.reduce_sum(probs[i] * logp[v], 1) / (num_crops - 1)
+                          for i in range(num_large) for v in range(num_crops) if v != i]) / num_large
+        other = tf.reduce_sum(other * row_weights.astype(np.float32))
+    assert np.abs(tape.gradient(other, crops[0]).numpy() - grads[0].numpy()).max() > 1e-3
+
+
+def test_swav_runs_in_float32_for_bfloat16_scores(rng):
+    crops = [tf.cast(prototype_scores(rng, 6, 5), tf.bfloat16) for _ in range(3)]
+    queue = [tf.cast(prototype_scores(rng, 4, 5), tf.bfloat16) for _ in range(2)]
+    loss, codes = losses.swav(crops, 2, queue_scores=queue, return_codes=True)
+    assert loss.dtype == tf.float32 and all(c.dtype == tf.float32 for c in codes)
+    exact = [tf.cast(c, tf.float32).numpy() for c in crops]
+    exact_queue = [tf.cast(q, tf.float32).numpy() for q in queue]
+    want, _ = reference_swav(exact, 2, 0.1, 0.05, 3, exact_queue)
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-4, atol=1e-5)
+    assert losses.sinkhorn(crops[0]).dtype == tf.float32
+
+
+@pytest.mark.parametrize("num_crops,num_large_crops", [(2, 0), (2, 3), (3, -1), (3, 4), (1, 1)])
+def test_swav_rejects_bad_num_large_crops(rng, num_crops, num_large_crops):
+    crops = [prototype_scores(rng, 4, 3) for _ in range(num_crops)]
+    with pytest.raises(keras_pcl.InvalidInputError):
+        losses.swav(crops, num_large_crops=num_large_crops)
