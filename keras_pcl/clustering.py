@@ -15,9 +15,11 @@ XLA for at most 128 clusters over at least 20 000 points (thin matmuls, where
 XLA's fusion of the memory-bound passes wins), plain TF graph mode otherwise.
 On CPU, graph mode runs the distance matmul in
 bfloat16 when the processor has AMX/AVX512-BF16 (oneDNN uses it; XLA's CPU
-backend does not); the chosen assignment's distance is then recomputed
-exactly in float32, so objectives and phi are float32-exact for the chosen
-assignment. See bench/RESULTS.md for the measurements behind these defaults.
+backend does not) for the Lloyd iterations, and the final assignment is
+scored again in float32, so every returned assignment is the float32-nearest
+centroid, and objectives and phi are float32-exact. Points are centred
+before clustering, so offsets do not cost precision either.
+See bench/RESULTS.md for the measurements behind these defaults.
 """
 
 import functools
@@ -93,7 +95,9 @@ def _assign(points, centroids, tile_size, matmul_dtype, scoring_rows=None):
             reuses it across iterations.
 
     Returns:
-        `[N_pad]` int32 assignments.
+        `[N_pad]` int32 assignments: exact float32 nearest centroids when
+        `matmul_dtype` is float32; with bfloat16 the scores are rounded to 8
+        significant bits, so points near a tie may get a neighbour.
     """
     dim = tf.shape(points)[1]
     if scoring_rows is None:
@@ -167,7 +171,13 @@ def _update(points, assignments, centroids):
 def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype):
     """One k-means run from `init_centroids`; returns (centroids, assignments, iterations).
 
-    The loop stops on changed assignments, so it never needs the objective.
+    Each iteration moves the centroids to the means of the current clusters,
+    then assigns every point to its nearest centroid (scored in `matmul_dtype`);
+    the loop stops on changed assignments, so it never needs the objective.
+    The returned assignments are scored once more in float32 against the
+    returned centroids (when the loop's were bfloat16): every point is at its
+    float32-nearest centroid, and the centroids are the means of the loop's
+    last clusters.
     """
     num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
 
@@ -191,37 +201,67 @@ def _lloyd(points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtyp
         body,
         (tf.constant(0), init_centroids, assign(init_centroids), tf.constant(np.inf, tf.float32)),
     )
+    if matmul_dtype != tf.float32:
+        # One exact pass: rounded scores moved ~0.5 % of points on unit vectors and ~1 % on
+        # unnormalised data to a neighbour; a returned assignment must be the nearest centroid.
+        assignments = tf.where(valid, _assign(points, centroids, tile_size, tf.float32), -1)
     return centroids, assignments, iterations
 
 
-def _kmeans_plus_plus(points, num_clusters, seed):
-    """k-means++ seeding (Arthur & Vassilvitskii, 2007): each new centre is drawn
-    with probability proportional to its squared distance to the nearest chosen one.
+def _kmeans_plus_plus(points, num_clusters, seed, trials=None):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii, 2007; scikit-learn's form).
 
-    Draw i inverts the cumulative distance with the hashed uniform u_i (so graph
-    mode and XLA pick the same points): the first index whose cumulative sum
-    exceeds u_i times the total.
+    Each new centre is the best of `trials` candidates (default `2 + ln K`, as
+    scikit-learn) drawn with probability proportional to their squared distance
+    to the nearest chosen centre: the one that lowers the sum of those distances
+    most. A candidate is drawn by the Gumbel-max rule, `argmax_n log(d_n) + g_n`
+    with `g_n = -log(-log(u_n))`: at step i the `trials x N` uniforms are
+    `hashed_uniform(trials * N, 7919 seed + i) + 2^-25` (`keras_pcl.hashing`),
+    row j for candidate j, so graph mode and XLA pick the same points without a
+    cumulative sum (which XLA's CPU backend compiled for over a minute at
+    N = 3 000). The first centre is point `floor(u * N)`, `u = hashed_uniform(1, seed)`.
     """
+    trials = int(trials or 2 + int(np.log(num_clusters)))
     num_points = tf.shape(points)[0]
-    uniforms = hashed_uniform(num_clusters, seed)
-    first = tf.minimum(tf.cast(uniforms[0] * tf.cast(num_points, tf.float32), tf.int32), num_points - 1)
+    first = tf.minimum(tf.cast(hashed_uniform(1, seed)[0] * tf.cast(num_points, tf.float32), tf.int32),
+                       num_points - 1)
     centres = tf.tensor_scatter_nd_update(
         tf.zeros([num_clusters, points.shape[1]]), [[0]], points[first][None]
     )
     nearest_sq = tf.reduce_sum(tf.square(points - points[first]), axis=1)
 
+    def gumbel(step):
+        # (top 24 bits + 1/2) / 2^24: strictly inside (0, 1), so both logs are finite.
+        u = hashed_uniform(trials * num_points, seed * 7919 + step) + 2.0 ** -25
+        return -tf.math.log(-tf.math.log(tf.reshape(u, [trials, num_points])))
+
     def body(i, centres, nearest_sq):
-        cumulative = tf.cumsum(nearest_sq)
-        threshold = uniforms[i] * cumulative[-1]
-        pick = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= threshold, tf.int32)), num_points - 1)
-        centres = tf.tensor_scatter_nd_update(centres, [[i]], points[pick][None])
-        sq = tf.reduce_sum(tf.square(points - points[pick]), axis=1)
-        return i + 1, centres, tf.minimum(nearest_sq, sq)
+        log_weight = tf.math.log(tf.maximum(nearest_sq, 1e-30))
+        picks = tf.argmax(log_weight[None, :] + gumbel(i), axis=1, output_type=tf.int32)  # [trials]
+        candidates = tf.gather(points, picks)  # [trials, d]
+        sq = tf.reduce_sum(tf.square(points[None, :, :] - candidates[:, None, :]), axis=2)  # [trials, N]
+        updated = tf.minimum(nearest_sq[None, :], sq)
+        best = tf.argmin(tf.reduce_sum(updated, axis=1), output_type=tf.int32)
+        centres = tf.tensor_scatter_nd_update(centres, [[i]], candidates[best][None])
+        return i + 1, centres, updated[best]
 
     _, centres, _ = tf.while_loop(
         lambda i, *_: i < num_clusters, body, (tf.constant(1), centres, nearest_sq)
     )
     return centres
+
+
+# init="auto" seeds with k-means++ up to this many clusters, randomly above: k-means++ is K
+# sequential passes over the training points, measured in bench/RESULTS.md against the Lloyd
+# iterations it saves.
+AUTO_KMEANS_PLUS_PLUS_MAX_CLUSTERS = 128
+
+
+def resolve_init(init, num_clusters):
+    """ "auto": "k-means++" for at most AUTO_KMEANS_PLUS_PLUS_MAX_CLUSTERS clusters, "random" above."""
+    if isinstance(init, str) and init == "auto":
+        return "k-means++" if num_clusters <= AUTO_KMEANS_PLUS_PLUS_MAX_CLUSTERS else "random"
+    return init
 
 
 def _pad_to_tiles(points, tile_size):
@@ -240,7 +280,7 @@ def kmeans_graph(
     tol=1e-3,
     tile_size=4096,
     max_points_per_centroid=1000,
-    init="random",
+    init="auto",
     matmul_dtype=tf.float32,
 ):
     """`kmeans` as plain TensorFlow ops, to be called inside a `tf.function`.
@@ -257,6 +297,11 @@ def kmeans_graph(
         raise InvalidInputError(
             f"num_clusters={num_clusters} must be between 1 and the number of points ({num_points})."
         )
+    init = resolve_init(init, num_clusters)
+    # Nearest centroids do not change under a shift: k-means runs on centred points, so a large
+    # offset cannot swamp the scores' float32 (or bfloat16) precision; centroids are shifted back.
+    centre = tf.reduce_mean(features, axis=0)
+    features = features - centre
     tile_size = int(min(tile_size, max(num_points, 1)))
     all_points, all_valid = _pad_to_tiles(features, tile_size)
     best = None
@@ -269,7 +314,7 @@ def kmeans_graph(
             keep = hashed_permutation(num_points, run_hash + 7)[:max_points_per_centroid * num_clusters]
             train = tf.gather(features, keep)
         if not isinstance(init, str):  # explicit initial centroids (a tensor)
-            init_centroids = tf.convert_to_tensor(init, tf.float32)
+            init_centroids = tf.convert_to_tensor(init, tf.float32) - centre
         elif init == "random":  # K distinct points, as faiss and the reference
             init_centroids = tf.gather(train, hashed_permutation(tf.shape(train)[0], run_hash)[:num_clusters])
         else:
@@ -280,8 +325,8 @@ def kmeans_graph(
         centroids, assignments, iterations = _lloyd(
             points, valid, init_centroids, num_iters, tol, tile_size, matmul_dtype
         )
-        if train is not features:  # trained on a subset: assign every point
-            assignments = _assign(all_points, centroids, tile_size, matmul_dtype)
+        if train is not features:  # trained on a subset: assign every point, exactly
+            assignments = _assign(all_points, centroids, tile_size, tf.float32)
         # The objective of all N points, once per restart: exact float32.
         objective = _objective(all_points, all_valid, centroids, assignments, tile_size)
         assignments = assignments[:num_points]
@@ -291,7 +336,8 @@ def kmeans_graph(
         else:
             better = objective < best[2]
             best = tuple(tf.where(better, new, old) for new, old in zip(run, best))
-    return best
+    centroids, assignments, objective, iterations = best
+    return centroids + centre, assignments, objective, iterations
 
 
 @functools.lru_cache(maxsize=32)
@@ -311,19 +357,32 @@ def kmeans(
     tol=1e-3,
     tile_size=4096,
     max_points_per_centroid=1000,
-    init="random",
+    init="auto",
     jit_compile="auto",
     matmul_dtype="auto",
     return_info=False,
 ):
-    """Euclidean k-means (Lloyd), as the PCL reference runs it with faiss.
+    """Euclidean k-means (Lloyd), as the PCL reference runs it with faiss, with exact assignments.
+
+    What it returns: every point's assignment is its nearest centroid among
+    the returned ones, as float32 computes it (ties aside), at any scale and
+    offset: the points are centred first, and where the Lloyd iterations score
+    in bfloat16 (the fast path on CPUs with bf16 units) the final assignment
+    is scored again in float32. The centroids are the means of the clusters of
+    the last Lloyd iteration's assignment (as faiss returns them), scored in
+    the matmul dtype: in float32 they are the means of the clusters of a run
+    with one iteration fewer, and once the loop has converged the means of the
+    returned clusters; in bfloat16, a point near a tie (~0.5 % of unit vectors)
+    may have counted in a neighbour's mean. With `max_points_per_centroid`
+    subsampling they are means of the training subsample's clusters. Clusters
+    left empty are refilled by splitting a large one.
 
     Args:
         features: `[N, d]` numpy array or tensor (PCL passes L2-normalised rows).
         num_clusters: `K`, between 1 and N.
         num_iters: at most this many Lloyd iterations (the reference uses 20).
-        num_restarts: runs from different random initial centroids; the one
-            with the lowest objective is kept (the reference uses 5).
+        num_restarts: runs from different initial centroids; the one with the
+            lowest objective is kept (the reference uses 5).
         seed: int; restart `i` uses seed `(seed, i)`.
         tol: stop once at most this fraction of points changes cluster in an
             iteration; `0` runs exactly `num_iters` iterations.
@@ -331,16 +390,20 @@ def kmeans(
         max_points_per_centroid: train on a random subset of at most this many
             points per centroid (faiss' and the reference's 1000), then assign
             all points. `None` uses all points.
-        init: "random" (K distinct points, as faiss and the reference; cheap
-            for large K) or "k-means++" (better on well-separated data, but
-            K sequential passes over the points), or a `[K, d]` array of
-            initial centroids (then `num_restarts` must be 1). Both inits and
-            the training subsample draw from an integer hash of the seed
-            (`keras_pcl.hashing`), identical under XLA and graph mode.
+        init: "auto" (default: "k-means++" for K <=
+            `AUTO_KMEANS_PLUS_PLUS_MAX_CLUSTERS`, "random" above, where
+            k-means++'s K sequential passes cost more than they save),
+            "random" (K distinct points, as faiss and the reference),
+            "k-means++" (greedy, as scikit-learn: better on well-separated
+            data), or a `[K, d]` array of initial centroids (then
+            `num_restarts` must be 1). Inits and the training subsample draw
+            from an integer hash of the seed (`keras_pcl.hashing`), identical
+            under XLA and graph mode.
         jit_compile: "auto" (XLA on GPU/TPU, and on CPU for K <= 128 with
             N >= 20 000; graph mode otherwise), True or False.
-        matmul_dtype: dtype of the distance matmul; "auto" picks bfloat16 in
-            CPU graph mode on processors with bf16 units, float32 otherwise.
+        matmul_dtype: dtype of the Lloyd iterations' distance matmul; "auto"
+            picks bfloat16 in CPU graph mode on processors with bf16 units,
+            float32 otherwise. The returned assignments are float32-exact either way.
         return_info: also return `{"objective": sum of squared distances,
             "iterations": Lloyd iterations run}`.
 
@@ -353,8 +416,8 @@ def kmeans(
     if num_restarts < 1:
         raise InvalidInputError(f"num_restarts must be >= 1, got {num_restarts}.")
     if isinstance(init, str):
-        if init not in ("random", "k-means++"):
-            raise InvalidInputError(f'init must be "random", "k-means++" or a [K, d] array, got {init!r}.')
+        if init not in ("auto", "random", "k-means++"):
+            raise InvalidInputError(f'init must be "auto", "random", "k-means++" or a [K, d] array, got {init!r}.')
     else:
         init = np.asarray(init, np.float32)
         if init.shape != (num_clusters, np.shape(features)[1]):

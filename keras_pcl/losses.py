@@ -54,8 +54,15 @@ def proto_nce_logits(query, prototypes, concentration):
 def proto_nce(query, prototypes, concentration, assignments):
     """ProtoNCE of PCL (Li et al., 2021) for one granularity, exact form.
 
-    The softmax runs over all K prototypes, each scaled by its own
-    concentration phi; this is the reference's loss with `r >= K - 1`.
+    The softmax runs over all K prototypes (those of clusters the last
+    assignment left empty included), each scaled by its own concentration phi.
+    It is not quite the reference's loss with `r >= K - 1` negatives: the
+    reference's columns are each sample's positive prototype, once per sample,
+    plus the negatives, so when samples of a batch share a prototype it appears
+    in several columns, and for each sample the other samples' copies of its
+    own prototype count as negatives; the reference also draws negatives only
+    from ids below the largest assigned one (`range(im2cluster.max())`), so the
+    prototype with the highest id is never a negative there.
 
     Args:
         query: `[B, d]` L2-normalised query embeddings.
@@ -105,8 +112,10 @@ def sampled_proto_nce(query, prototypes, concentration, assignments, num_negativ
     """ProtoNCE with `r` sampled negative prototypes, as the reference trains it.
 
     Columns are the batch's distinct positive prototypes plus `r` negatives
-    drawn from the other prototypes. Unlike the reference, a prototype that is
-    positive for several samples appears once, so it is never also a negative.
+    drawn from all the other prototypes. Unlike the reference, a prototype that
+    is positive for several samples appears once, so it is never also a
+    negative, and the prototype with the highest id can be drawn (the
+    reference samples from `range(im2cluster.max())`, which leaves it out).
 
     Args:
         query, prototypes, concentration, assignments: as in `proto_nce`.
