@@ -229,6 +229,7 @@ def _kmeans_plus_plus(points, num_clusters, seed, trials=None):
         tf.zeros([num_clusters, points.shape[1]]), [[0]], points[first][None]
     )
     nearest_sq = tf.reduce_sum(tf.square(points - points[first]), axis=1)
+    point_sq = tf.reduce_sum(tf.square(points), axis=1)
 
     def gumbel(step):
         # (top 24 bits + 1/2) / 2^24: strictly inside (0, 1), so both logs are finite.
@@ -239,7 +240,10 @@ def _kmeans_plus_plus(points, num_clusters, seed, trials=None):
         log_weight = tf.math.log(tf.maximum(nearest_sq, 1e-30))
         picks = tf.argmax(log_weight[None, :] + gumbel(i), axis=1, output_type=tf.int32)  # [trials]
         candidates = tf.gather(points, picks)  # [trials, d]
-        sq = tf.reduce_sum(tf.square(points[None, :, :] - candidates[:, None, :]), axis=2)  # [trials, N]
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2: one matmul, not a [trials, N, d] broadcast (the
+        # points are centred, so the expansion loses no precision to an offset).
+        sq = tf.maximum(point_sq[None, :] - 2.0 * tf.matmul(candidates, points, transpose_b=True)
+                        + tf.gather(point_sq, picks)[:, None], 0.0)  # [trials, N]
         updated = tf.minimum(nearest_sq[None, :], sq)
         best = tf.argmin(tf.reduce_sum(updated, axis=1), output_type=tf.int32)
         centres = tf.tensor_scatter_nd_update(centres, [[i]], candidates[best][None])
