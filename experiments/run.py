@@ -7,7 +7,9 @@
 The output directory receives config.json, checkpoints/, logs/ (TensorBoard),
 history.json, results.json, model.keras, saved_model/ and *.png. Re-running
 the same command with the same --output_dir resumes from the newest
-checkpoint. User mistakes print one line and exit with status 2.
+checkpoint. User mistakes print one line and exit with status 2; a diverged loss
+exits 3, an output that cannot be written (disk full) 4, an interruption (SIGINT,
+SIGTERM; training checkpoints the step first) 128 + the signal: 130 or 143.
 
 This file only wires flags to keras_pcl; the algorithm lives in the library.
 """
@@ -110,6 +112,57 @@ class TrainingDiverged(Exception):
     """The loss became NaN/Inf: printed as one line, exit status 3."""
 
 
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM outside training (start-up, evaluation, export): exit 128 + signal.
+
+    A BaseException, as KeyboardInterrupt: no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Exit statuses: 2 a user mistake, 3 a diverged loss, 4 an output that could not be written,
+# 128 + signal when interrupted (130 SIGINT, 143 SIGTERM).
+EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE = 2, 3, 4
+STAGE = {"now": "start-up"}  # what the run is doing, for the interruption message
+
+
+def on_signal(signum, frame):
+    raise RunInterrupted(signum)
+
+
+class OutputLock:
+    """One run per output folder: an exclusive `flock` on OUT/.lock, held while the run lives.
+
+    The kernel releases the lock when the process dies, however it dies, so a killed
+    run never blocks the next; the file keeps the holder's pid for the messages.
+    """
+
+    def __init__(self, out):
+        import fcntl
+
+        self.path = os.path.join(out, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UsageError(f"--output_dir {out} is in use by a run that is still going (pid {holder}); "
+                             "wait for it to finish, or choose another --output_dir.") from None
+        previous = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+        if previous.isdigit() and int(previous) != os.getpid():
+            print(f"taking over {self.path} from an earlier run (pid {previous}) that is no longer running")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
 class Config(dict):
     """The resolved flags of a run (common flags and the method's), readable as attributes."""
 
@@ -141,10 +194,11 @@ def resolve_config():
 
 
 def check_output_dir(config):
-    """Checks output_dir can hold this run; returns True when it holds this same run (resume).
+    """Checks output_dir can hold this run; returns (resuming, lock): resuming is True when it
+    holds this same run, lock the folder's `OutputLock`, held from here on.
 
-    Nothing is written here: config.json is written only once every input has
-    been validated, so a mistyped command never leaves a run behind.
+    Nothing is written here but the lock: config.json is written only once every
+    input has been validated, so a mistyped command never leaves a run behind.
     """
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
@@ -157,6 +211,15 @@ def check_output_dir(config):
         os.remove(probe)
     except OSError as error:
         raise UsageError(f"--output_dir {out} is not writable ({error.strerror}); choose another folder.") from None
+    lock = OutputLock(out)
+    try:
+        return compare_with_previous_run(config, out), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def compare_with_previous_run(config, out):
     path = os.path.join(out, "config.json")
     if os.path.exists(path) and not config.overwrite:
         with open(path) as f:
@@ -174,10 +237,19 @@ def check_output_dir(config):
 
 
 def write_json(path, value):
+    """Writes `value` to a temporary name, then renames it over `path`: never half a file."""
+    from keras_pcl.callbacks import writing
+
     temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    with writing(path):
+        try:
+            with open(temporary, "w") as f:
+                json.dump(value, f, indent=2, sort_keys=True)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
 
 
 def validate(config):
@@ -264,8 +336,14 @@ def main(argv):
     crop, drops = validate(config)
     if ignored:
         print(f"--method={method.name} does not use " + ", ".join(f"--{name}" for name in ignored) + "; ignored.")
-    resuming = check_output_dir(config)
+    resuming, lock = check_output_dir(config)
+    try:
+        train_and_evaluate(config, method, crop, drops, resuming)
+    finally:
+        lock.release()
 
+
+def train_and_evaluate(config, method, crop, drops, resuming):
     import keras
     import tensorflow as tf
 
@@ -325,6 +403,8 @@ def main(argv):
     train_eval_ds = data.eval_dataset(split.train_images, 512, image_size)
     checkpoint = callbacks.TrainingCheckpoint(os.path.join(out, "checkpoints"), config.checkpoint_every_steps)
     initial_epoch = checkpoint.restore(model)
+    # The checkpoint holds the rows of the epochs it finished: history.json is a copy of them.
+    history, history_path = checkpoint.history, os.path.join(out, "history.json")
     if resuming and initial_epoch:
         print(f"resuming {out} at epoch {initial_epoch}")
     # Epoch e's order and augmentations depend only on (seed, e): a resumed run sees the same data.
@@ -334,7 +414,6 @@ def main(argv):
     # The guard runs first, so a step with a NaN/Inf loss is never checkpointed.
     fit_callbacks = [callbacks.NonFiniteLossGuard()]
     fit_callbacks += method.callbacks(keras_pcl, config, train_eval_ds, jit)
-    fit_callbacks.append(checkpoint)
     if config.knn_every and split.has_labels:
         fit_callbacks.append(evaluation.KNNMonitor(split.train_images, split.train_labels, split.test_images,
                                                    split.test_labels, config.knn_every, config.knn_k,
@@ -358,39 +437,41 @@ def main(argv):
 
     # First, so that its clock starts before the E-step's on_epoch_begin.
     fit_callbacks.insert(0, LogEpochStats())
-    fit_callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False))
-    history = {}
-    history_path = os.path.join(out, "history.json")
-    if resuming and os.path.exists(history_path):
-        with open(history_path) as f:
-            history = {k: v[:initial_epoch] for k, v in json.load(f).items()}
+    class TensorBoard(keras.callbacks.TensorBoard):
+        """Keras' TensorBoard, whose write failures (a full disk) name the log folder."""
 
-    class SaveHistory(keras.callbacks.Callback):
-        """history.json: one entry per epoch for every key (None where not measured)."""
+        def on_train_begin(self, logs=None):
+            with callbacks.writing(self.log_dir):
+                super().on_train_begin(logs)
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            history.setdefault("epoch", [])
-            done = len(history["epoch"])
-            for key in set(logs) - set(history):
-                history[key] = [None] * done
-            for key in history:
-                history[key].append(epoch + 1 if key == "epoch" else
-                                    (float(logs[key]) if key in logs else None))
+            with callbacks.writing(self.log_dir):
+                super().on_epoch_end(epoch, logs)
+
+    class WriteHistory(keras.callbacks.Callback):
+        """history.json: after each checkpoint, a copy of the epoch rows it holds."""
+
+        def on_epoch_end(self, epoch, logs=None):
             write_json(history_path, history)
 
-    fit_callbacks.append(SaveHistory())
+    fit_callbacks.append(TensorBoard(os.path.join(out, "logs"), write_graph=False))
+    # Last but the copy: it saves the epoch logs every callback above has written.
+    fit_callbacks += [checkpoint, WriteHistory()]
     started = time.time()
     if initial_epoch < config.epochs:
+        STAGE["now"] = "training"
         try:
             model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                       callbacks=fit_callbacks,
                       verbose=1 if sys.stdout.isatty() else 2)
         except callbacks.NonFiniteLossError as error:
             raise TrainingDiverged(str(error)) from None
+        history = checkpoint.history
+    write_json(history_path, history)
     train_seconds = time.time() - started
 
     # Evaluation of the frozen backbone, beside raw pixels.
+    STAGE["now"] = "evaluation"
     print("evaluating the frozen encoder and raw pixels")
     rows = {}
     if split.has_labels:
@@ -414,11 +495,19 @@ def main(argv):
     write_json(os.path.join(out, "results.json"), results)
 
     if config.export:
-        export.export_saved_model(model, os.path.join(out, "saved_model"))
+        STAGE["now"] = "export"
+        with callbacks.writing(os.path.join(out, "saved_model")):
+            export.export_saved_model(model, os.path.join(out, "saved_model"))
         temporary = os.path.join(out, "model.tmp.keras")
-        model.save(temporary)
-        os.replace(temporary, os.path.join(out, "model.keras"))
+        with callbacks.writing(os.path.join(out, "model.keras")):
+            try:
+                model.save(temporary)
+                os.replace(temporary, os.path.join(out, "model.keras"))
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
     if config.plots:
+        STAGE["now"] = "plots"
         # The model's own loss terms and metrics, then what the runner adds.
         terms = list(model.loss_names) if len(model.loss_names) == 1 and not model.term_weights else \
             ["loss", *model.loss_names]  # one unweighted term is the loss itself: one panel
@@ -447,23 +536,49 @@ def _user_errors():
 
 
 def run(argv):
+    import signal
+
+    STAGE["now"] = "start-up"
+    # Outside training, SIGINT and SIGTERM stop the run with a message (inside it,
+    # TrainingCheckpoint checkpoints the step first); the previous handlers come back after.
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         main(argv)
     except TrainingDiverged as error:  # not a usage mistake: its own status
         if FLAGS.debug:
             raise
-        print(f"run.py: error: {error}", file=sys.stderr)
-        sys.exit(3)
+        stop(str(error), EXIT_DIVERGED)
+    except RunInterrupted as interrupt:
+        stop(f"interrupted during {STAGE['now']}; run the same command to resume (training resumes from its "
+             "newest checkpoint)", 128 + interrupt.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C during training: no checkpoint of the moment
+        stop("aborted; run the same command to resume from the newest checkpoint", 128 + signal.SIGINT)
     # User mistakes only: anything else is a bug or an environment failure and keeps its traceback.
     except Exception as error:
-        if FLAGS.debug or not isinstance(error, _user_errors()):
+        if FLAGS.debug:
+            raise
+        interrupted = sys.modules.get("keras_pcl.callbacks")
+        if interrupted is not None and isinstance(error, interrupted.TrainingInterrupted):
+            stop(str(error), 128 + error.signum)
+        errors = sys.modules.get("keras_pcl.errors")
+        if errors is not None and isinstance(error, errors.OutputWriteError):
+            stop(f"{error}; free space (or make the folder writable) and run the same command to resume",
+                 EXIT_WRITE)
+        if not isinstance(error, _user_errors()):
             raise
         fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop(message, status):
+    print(f"run.py: error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def fail(message):
-    print(f"run.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    stop(message, EXIT_USAGE)
 
 
 def parse_argv(argv):

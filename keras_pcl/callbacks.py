@@ -1,8 +1,12 @@
-"""Callbacks: `PrototypeUpdate`, PCL's E-step."""
+"""Callbacks: `PrototypeUpdate` (PCL's E-step), `TrainingCheckpoint` (state, history, signals),
+`NonFiniteLossGuard`."""
 
+import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -10,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl import clustering
-from keras_pcl.errors import InvalidInputError
+from keras_pcl.errors import InvalidInputError, OutputWriteError, writing  # noqa: F401 (public here too)
 
 
 def embedding_step(embed_fn):
@@ -208,24 +212,48 @@ class PrototypeUpdate(keras.callbacks.Callback):
             logs.update(self.stats)
 
 
-class TrainingCheckpoint(keras.callbacks.Callback):
-    """Saves the whole training state and resumes from it.
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM; a checkpoint of that step was saved.
 
-    The state is the model's variables (query and key encoders, heads, queue
-    and pointer, prototypes, phi, assignments), the optimizer's variables
-    and the number of finished epochs, written with `tf.train.CheckpointManager`
-    (each checkpoint is complete before the index file points at it; the
-    last `max_to_keep` are kept).
+    `signum` is the signal, `epoch` (from 1) and `step` (steps done in that
+    epoch) where it stopped. Running `fit` again from `TrainingCheckpoint.restore`
+    resumes there (at the start of that epoch, with the weights of the moment).
+    """
+
+    def __init__(self, signum, epoch, step):
+        super().__init__(f"interrupted at epoch {epoch}, step {step}; run the same command to resume")
+        self.signum, self.epoch, self.step = signum, epoch, step
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Saves the whole training state, its history, and resumes from it; stops cleanly on signals.
+
+    The state is the model's variables (encoders, heads, queues, prototypes,
+    ...), the optimizer's variables, the number of finished epochs and the
+    history of their logs (`history`: one row per finished epoch, each key a
+    list), written with `tf.train.CheckpointManager`: a checkpoint and the
+    epoch rows it records become current together, once complete, so a kill at
+    any moment loses no row and duplicates none. Place it after the callbacks
+    that add to the epoch logs (kNN monitors, timers): it saves what they wrote.
+
+    On SIGINT or SIGTERM during `fit` it saves a checkpoint at the next step
+    boundary and raises `TrainingInterrupted`; a second SIGINT aborts at once
+    (`KeyboardInterrupt`). Outside `fit` the signals keep their usual effect.
+    A failure to write a checkpoint (disk full, read-only) raises
+    `OutputWriteError`; the newest complete checkpoint stays the one restored.
 
     Args:
         directory: checkpoint folder.
         save_every_steps: also save every this many steps (0: only at epoch ends).
         max_to_keep: checkpoints kept.
+        signals: signals that stop training with a checkpoint (empty: none;
+            only where `fit` runs in the main thread).
 
     Example:
     >>> checkpoint = TrainingCheckpoint("run/checkpoints")
     >>> initial_epoch = checkpoint.restore(model)  # doctest: +SKIP
     >>> model.fit(ds, epochs=100, initial_epoch=initial_epoch, callbacks=[checkpoint])  # doctest: +SKIP
+    >>> checkpoint.history["loss"]  # every epoch's, over all the runs that resumed  # doctest: +SKIP
 
     A checkpoint taken mid-epoch resumes at the start of that epoch with the
     weights of the moment it was saved. There is no separate random state: with
@@ -234,13 +262,17 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     random draws of the optimizer step, so an epoch-boundary resume is exact.
     """
 
-    def __init__(self, directory, save_every_steps=0, max_to_keep=3):
+    def __init__(self, directory, save_every_steps=0, max_to_keep=3, signals=(signal.SIGINT, signal.SIGTERM)):
         super().__init__()
         self.directory, self.save_every_steps, self.max_to_keep = directory, int(save_every_steps), max_to_keep
+        self.signals = tuple(signals)
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._history = tf.Variable("{}", dtype=tf.string, trainable=False)
+        self.history = {}
         self._manager = None
         self._current_epoch = 0
         self._is_chief, self._write_directory = True, directory
+        self._previous_handlers, self._requested, self._training = {}, None, False
 
     def _get_manager(self, model):
         if self._manager is None:
@@ -259,7 +291,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 # Inside the model's strategy: restore() may run before fit, outside any scope.
                 with getattr(model, "distribute_strategy", tf.distribute.get_strategy()).scope():
                     model.optimizer.build(model.trainable_variables)
-            checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch)
+            checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch,
+                                             history=self._history)
             self._manager = tf.train.CheckpointManager(checkpoint, self._write_directory,
                                                        max_to_keep=self.max_to_keep)
         return self._manager
@@ -267,31 +300,93 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def restore(self, model):
         """Restores the newest checkpoint into `model`; returns the epoch to resume at (0 if none).
 
+        `history` then holds the rows of the epochs that checkpoint had finished.
         Every worker of a multi-worker job restores the chief's newest checkpoint.
         """
         manager = self._get_manager(model)
         latest = tf.train.latest_checkpoint(self.directory)
+        self.history = {}
         if latest is None:
             return 0
-        manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        # expect_partial: a checkpoint written before the history was saved has none.
+        manager.checkpoint.restore(latest).expect_partial().assert_existing_objects_matched()
+        self.history = json.loads(self._history.numpy().decode() or "{}")
         return int(self._epoch.numpy())
 
     def save(self, epoch):
+        """Saves the state with `epoch` epochs finished; returns the checkpoint's path."""
         self._epoch.assign(epoch)
-        path = self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+        self._history.assign(json.dumps(self.history))
+        with writing(self._write_directory):
+            path = self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
         if not self._is_chief:
             shutil.rmtree(self._write_directory, ignore_errors=True)
         return path
+
+    # Signals ----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if not self._training:  # fit ended without on_train_end (an exception): the usual effect
+            self._release_signals()
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                previous(signum, frame)
+            elif signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            else:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if self._requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self._requested = signum
+
+    def _catch_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _release_signals(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    # Callback hooks -----------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._requested, self._training = None, True
+        self._catch_signals()
+
+    def on_train_end(self, logs=None):
+        self._training = False
+        self._release_signals()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._requested is not None:
+            signum, self._requested = self._requested, None
+            self.save(self._current_epoch)
+            self._training = False
+            self._release_signals()
+            raise TrainingInterrupted(signum, self._current_epoch + 1, batch + 1)
         if self.save_every_steps and (batch + 1) % self.save_every_steps == 0:
             self.save(self._current_epoch)
 
     def on_epoch_end(self, epoch, logs=None):
+        row = {key: _json_number(value) for key, value in (logs or {}).items()}
+        self.history.setdefault("epoch", [])
+        done = len(self.history["epoch"])
+        for key in set(row) - set(self.history):
+            self.history[key] = [None] * done
+        for key in self.history:
+            self.history[key].append(epoch + 1 if key == "epoch" else row.get(key))
         self.save(epoch + 1)
+
+
+def _json_number(value):
+    value = float(np.asarray(value).reshape(-1)[0])
+    return value if np.isfinite(value) else None
 
 
 class NonFiniteLossError(RuntimeError):

@@ -62,6 +62,10 @@ def export_saved_model(model, path, overwrite=True):
         archive.add_endpoint(name, _with_preprocessing(endpoint, height, width), input_signature=[signature])
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    # Staging folders left by an export that was killed: ours by their prefix, never complete.
+    for name in os.listdir(parent):
+        if name.startswith((".export-", ".old-")):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         archive.write_out(staging, verbose=False)

@@ -150,6 +150,24 @@ def sampled_proto_nce(query, prototypes, concentration, assignments, num_negativ
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
+def _two_view_logits(z1, z2, temperature, all_z1, all_z2, offset):
+    """Rows `[z1; z2]` against columns `[all_z1; all_z2]` (all L2-normalised), over `T`, each
+    row's own column set to -1e9; returns (logits [2B, 2N], own columns [2B], rows [B], N)."""
+    z1, z2 = tf.math.l2_normalize(_f32(z1), axis=-1), tf.math.l2_normalize(_f32(z2), axis=-1)
+    if all_z1 is None:
+        all_z1, all_z2 = z1, z2
+    else:
+        all_z1, all_z2 = tf.math.l2_normalize(_f32(all_z1), -1), tf.math.l2_normalize(_f32(all_z2), -1)
+    batch, total = tf.shape(z1)[0], tf.shape(all_z1)[0]
+    anchors = tf.concat([z1, z2], axis=0)
+    candidates = tf.concat([all_z1, all_z2], axis=0)
+    logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
+    rows = offset + tf.range(batch)
+    own = tf.concat([rows, total + rows], axis=0)
+    is_own = tf.one_hot(own, 2 * total, on_value=True, off_value=False)
+    return tf.where(is_own, tf.constant(-1e9, tf.float32), logits), own, rows, total
+
+
 def nt_xent_logits(z1, z2, temperature, all_z1=None, all_z2=None, offset=0):
     """Masked logits and positive columns of NT-Xent (see `nt_xent`).
 
@@ -166,21 +184,8 @@ def nt_xent_logits(z1, z2, temperature, all_z1=None, all_z2=None, offset=0):
         row of `[all_z1; all_z2]` divided by `T`, its own column set to -1e9
         (removed from the softmax), and the column of its positive.
     """
-    z1, z2 = tf.math.l2_normalize(_f32(z1), axis=-1), tf.math.l2_normalize(_f32(z2), axis=-1)
-    if all_z1 is None:
-        all_z1, all_z2 = z1, z2
-    else:
-        all_z1, all_z2 = tf.math.l2_normalize(_f32(all_z1), -1), tf.math.l2_normalize(_f32(all_z2), -1)
-    batch, total = tf.shape(z1)[0], tf.shape(all_z1)[0]
-    anchors = tf.concat([z1, z2], axis=0)
-    candidates = tf.concat([all_z1, all_z2], axis=0)
-    logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
-    rows = offset + tf.range(batch)
-    own = tf.concat([rows, total + rows], axis=0)
-    positives = tf.concat([total + rows, rows], axis=0)
-    is_own = tf.one_hot(own, 2 * total, on_value=True, off_value=False)
-    logits = tf.where(is_own, tf.constant(-1e9, tf.float32), logits)
-    return logits, positives
+    logits, _, rows, total = _two_view_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    return logits, tf.concat([total + rows, rows], axis=0)
 
 
 def nt_xent(z1, z2, temperature):
@@ -315,3 +320,81 @@ def swav(crop_scores, num_large_crops=2, temperature=0.1, epsilon=0.05, sinkhorn
         all_codes.append(codes)
     loss = tf.add_n(per_sample) / num_large_crops
     return (loss, all_codes) if return_codes else loss
+
+
+def supcon(z1, z2, labels, temperature, all_z1=None, all_z2=None, all_labels=None, offset=0):
+    """Supervised contrastive loss (SupCon, Khosla et al., 2020) over the 2B views of a batch.
+
+    Anchor i of `[z1; z2]` (L2-normalised inside) is contrasted with the other
+    `2B - 1` rows; its positives P(i) are the other rows with its label (its
+    other view among them):
+    `-(1/|P(i)|) sum_{p in P(i)} log softmax_{a != i}(z_i . z_a / T)[p]`.
+    With every label distinct it is `nt_xent`. An anchor without a positive
+    (impossible with two views) would get 0.
+
+    Args:
+        z1, z2: `[B, d]` embeddings of the two views of the same B images.
+        labels: `[B]` int labels.
+        temperature: positive float `T`.
+        all_z1, all_z2, all_labels, offset: the global batch under a strategy,
+            as in `nt_xent_logits` (None: the batch itself).
+
+    Returns:
+        `[2B]` per-anchor loss.
+    """
+    logits, own, _, total = _two_view_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    all_labels = labels if all_labels is None else tf.cast(tf.reshape(all_labels, [-1]), tf.int32)
+    anchor_labels = tf.concat([labels, labels], axis=0)
+    column_labels = tf.concat([all_labels, all_labels], axis=0)
+    positive = tf.cast(tf.equal(anchor_labels[:, None], column_labels[None, :]), tf.float32)
+    positive = positive * (1.0 - tf.one_hot(own, 2 * total))
+    log_prob = tf.nn.log_softmax(logits, axis=1)
+    count = tf.reduce_sum(positive, axis=1)
+    return -tf.reduce_sum(positive * log_prob, axis=1) / tf.maximum(count, 1.0)
+
+
+def paco(features, labels, centre_logits, class_counts, batch_size, alpha=0.05, beta=1.0, gamma=1.0,
+         temperature=0.2, anchor_offset=0):
+    """The PaCo loss (Cui et al., 2021), per anchor, as the official `PaCoLoss` (supt = 1).
+
+    The anchors are the B queries `features[anchor_offset : anchor_offset + B]`
+    (B = `batch_size`; 0 on one replica, where `features` is `[q; k; queue]`).
+    Each anchor's logits are `[centre_logits + log(prior + 1e-9) | q . features / T]`
+    (prior = `class_counts / sum`), less their row maximum (no gradient through
+    it); its own column is masked out. Positives: weight `beta` on its class's
+    centre and `alpha` on every other column with its label; the normaliser
+    weights the centre columns 1 and the contrast columns `gamma`. The loss is
+    `-sum(positive * log_prob) / sum(positive)`.
+
+    Args:
+        features: `[2B + r, d]` rows `[q; k; queue]` (L2-normalised queries, keys,
+            queue), under a strategy `[Q; K; queue]` of the global batch.
+        labels: `[2B + r]` int labels of those rows.
+        centre_logits: `[B, C]` class-centre logits of the anchors, before the prior.
+        class_counts: `[C]` training images per class.
+        batch_size: B, the anchors.
+        alpha, beta, gamma: the weights above (the official CIFAR scripts: alpha 0.01-0.05).
+        temperature: positive float `T`.
+        anchor_offset: row of the first anchor in `features` (replica id times B).
+
+    Returns:
+        `[B]` per-anchor loss.
+    """
+    features = _f32(features)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    centre_logits = _f32(centre_logits)
+    counts = _f32(class_counts)
+    num_classes = tf.shape(centre_logits)[1]
+    anchors = features[anchor_offset:anchor_offset + batch_size]
+    anchor_labels = labels[anchor_offset:anchor_offset + batch_size]
+    contrast = tf.matmul(anchors, features, transpose_b=True) / temperature  # [B, 2B + r]
+    prior = counts / tf.reduce_sum(counts)
+    logits = tf.concat([centre_logits + tf.math.log(prior + 1e-9)[None, :], contrast], axis=1)
+    logits = logits - tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
+    not_self = 1.0 - tf.one_hot(anchor_offset + tf.range(batch_size), tf.shape(features)[0])
+    same = tf.cast(tf.equal(anchor_labels[:, None], labels[None, :]), tf.float32) * not_self
+    positive = tf.concat([beta * tf.one_hot(anchor_labels, num_classes), alpha * same], axis=1)
+    normaliser = tf.concat([tf.ones_like(centre_logits), gamma * not_self], axis=1)
+    log_prob = logits - tf.math.log(tf.reduce_sum(tf.exp(logits) * normaliser, axis=1, keepdims=True) + 1e-12)
+    return -tf.reduce_sum(positive * log_prob, axis=1) / tf.reduce_sum(positive, axis=1)

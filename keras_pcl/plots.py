@@ -14,10 +14,17 @@ import numpy as np  # noqa: E402
 
 
 def _save(figure, path):
+    from keras_pcl.errors import writing
+
     temporary = path + ".tmp.png"
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(temporary, path)
+    with writing(path):
+        try:
+            figure.savefig(temporary, dpi=110, bbox_inches="tight")
+            os.replace(temporary, path)
+        finally:
+            plt.close(figure)
+            if os.path.exists(temporary):
+                os.remove(temporary)
     return path
 
 
