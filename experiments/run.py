@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
@@ -47,6 +49,9 @@ flags.DEFINE_integer("holdout", 0,
                      "Evaluate on this many training images held out of training, not on the test split "
                      "(for tuning; 0: the test split).")
 flags.DEFINE_integer("image_size", 0, "Training/eval image side (0: the dataset's own; folders: 32).")
+flags.DEFINE_float("long_tail_imbalance", 0, "Train on a long-tailed split of the labelled training images: class c "
+                   "keeps n_max * R^(-c/(C-1)) (R: this ratio, largest over smallest class; 0: the whole split). "
+                   "The test split stays balanced.")
 
 # How to train.
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
@@ -96,7 +101,8 @@ COMMON_DEFAULTS = dict(norm="split", embedding_dim=64, hidden_dim=256, optimizer
 RESUMABLE = {"epochs", "output_dir", "overwrite", "debug", "plots", "export", "knn_every", "low_shot_draws",
              "checkpoint_every_steps", "steps_per_epoch", "raw_pixels"}
 
-COMMON_CHECKS = {"batch_size": runner_methods.at_least_one, "epochs": runner_methods.at_least_one,
+COMMON_CHECKS = {"batch_size": runner_methods.at_least_one,
+                 "long_tail_imbalance": lambda r: None if r == 0 or r >= 1 else "must be 0 (off) or >= 1", "epochs": runner_methods.at_least_one,
                  "learning_rate": runner_methods.positive, "weight_decay": runner_methods.non_negative,
                  "sgd_momentum": runner_methods.unit_interval, "embedding_dim": runner_methods.at_least_one,
                  "hidden_dim": runner_methods.at_least_one, "lr_warmup_epochs": runner_methods.non_negative,
@@ -314,6 +320,30 @@ def build_backbone(config, split, image_size):
     return backbones.BACKBONES[config.encoder](shape, **options)
 
 
+def classification_results(keras_pcl, config, model, split, feature_sets, image_size):
+    """Top-1 overall, per class and for the head / middle / tail classes of the training split, from
+    the model's classifier (plain logits, no prior), or, without one on long-tailed data, from a
+    balanced-softmax linear classifier on the frozen features. None when neither applies."""
+    from keras_pcl import evaluation
+
+    counts = runner_methods.class_counts(keras_pcl, split)
+    if model.has_classifier:
+        images = keras_pcl.data.eval_dataset(split.test_images, 512, image_size).map(lambda x, index: x)
+        logits = np.concatenate([model.class_logits(batch, training=False).numpy() for batch in images])
+        predicted, source = logits.argmax(1), "the model's classifier"
+    elif config.long_tail_imbalance:
+        train_features, test_features = feature_sets["encoder"]
+        predicted = evaluation.balanced_linear_classifier(train_features, split.train_labels, test_features, counts)
+        source = "a balanced-softmax linear classifier on the frozen features"
+    else:
+        return None
+    report = evaluation.long_tail_report(predicted, split.test_labels, counts)
+    report.update(classifier=source, train_class_counts=counts)
+    print(f"classification ({source}): top-1 {100 * report['top1']:.1f} %, head {100 * report['head_top1']:.1f}, "
+          f"middle {100 * report['middle_top1']:.1f}, tail {100 * report['tail_top1']:.1f}")
+    return report
+
+
 def format_table(rows):
     columns = ["knn_top1", "linear_top1"] + sorted(
         {k for r in rows.values() for k in r if k.startswith("svm_")}, key=lambda k: int(k[4:-4])) + [
@@ -359,6 +389,14 @@ def train_and_evaluate(config, method, crop, drops, resuming):
             split = data.holdout_split(split, config.holdout)
         except ValueError as error:
             raise UsageError(f"--holdout: {error}") from None
+    if split.has_labels:
+        for labels in (split.train_labels, split.test_labels):
+            data.check_labels(labels, len(labels))
+    if config.long_tail_imbalance:
+        try:
+            split = data.long_tail_split(split, config.long_tail_imbalance, seed=config.seed)
+        except ValueError as error:
+            raise UsageError(f"--long_tail_imbalance: {error}") from None
     print(f"dataset {split.name}: {len(split.train_images)} train / {len(split.test_images)} test images "
           f"{split.image_shape}; {split.notes}")
     data.as_image_array(split.train_images)
@@ -369,7 +407,10 @@ def train_and_evaluate(config, method, crop, drops, resuming):
     if config.batch_size > num_train:
         raise UsageError(f"--batch_size {config.batch_size} is larger than the dataset ({num_train} "
                          "training images); use a smaller batch size.")
-    method.check(config, num_train)
+    if keras_pcl.models.METHODS[method.name].uses_labels and not split.has_labels:
+        raise UsageError(f"--method={method.name} trains on labels, and dataset {split.name} has none; give a "
+                         "labelled source (a folder of class sub-folders, npz with y, ...).")
+    method.check(config, split)
     smallest = MIN_IMAGE_SIZE[config.encoder] * (4 if config.encoder.startswith("resnet") and not config.small_images else 1)
     if image_size < smallest:
         raise UsageError(f"--encoder {config.encoder} needs images of at least {smallest} px, got {image_size}; "
@@ -383,7 +424,7 @@ def train_and_evaluate(config, method, crop, drops, resuming):
     train_jit = clustering.resolve_jit_compile(jit) and strategy.num_replicas_in_sync == 1
     with strategy.scope():
         # Built before anything is written: the constructors' checks are part of validation.
-        model = method.build(keras_pcl, config, build_backbone(config, split, image_size), num_train)
+        model = method.build(keras_pcl, config, build_backbone(config, split, image_size), split)
         optimizer = build_optimizer(keras, keras_pcl, config, learning_rate_schedule(keras, config, steps, drops))
         model.compile(optimizer=optimizer, jit_compile=train_jit)
     try:
@@ -485,12 +526,16 @@ def train_and_evaluate(config, method, crop, drops, resuming):
                                                       knn_k=config.knn_k, draws=config.low_shot_draws,
                                                       seed=config.seed)
         print(format_table(rows))
+    classification = classification_results(keras_pcl, config, model, split, feature_sets, image_size) \
+        if split.has_labels else None
     results = {"dataset": split.name, "holdout": config.holdout, "method": config.method, "epochs": config.epochs,
                "train_seconds_this_invocation": round(train_seconds, 1),
                # Over every invocation of a resumed run (history.json keeps each epoch's time).
                "train_seconds": round(sum(t for t in history.get("epoch_seconds", []) if t is not None), 1),
                "evaluation": rows,
                "final_logs": {k: v[-1] for k, v in history.items() if v and k != "epoch"}}
+    if classification:
+        results["classification"] = classification
     results.update(method.results(keras_pcl, fit_callbacks))
     write_json(os.path.join(out, "results.json"), results)
 

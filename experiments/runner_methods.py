@@ -81,6 +81,11 @@ define("integer", "queue_start_epoch", "SwAV: epoch from which the queue of past
 define("integer", "num_small_crops", "SwAV: small crops per image besides the 2 large ones (0: none).", non_negative)
 define("integer", "small_crop_size", "SwAV: side of the small crops in px (0: 0.56 of --image_size).", non_negative)
 define("list", "small_crop_scale", "SwAV: RandomResizedCrop area range of the small crops.")
+define("float", "alpha", "PaCo: weight of the same-label contrast positives.", non_negative)
+define("float", "beta", "PaCo: weight of the class-centre positive.", non_negative)
+define("float", "gamma", "PaCo: weight of the contrast columns in the loss's normaliser.", non_negative)
+define("enum", "supervised_loss", "supervised: cross-entropy (ce) or balanced softmax (logits + log prior).",
+       enum_values=["ce", "balanced_softmax"])
 define("list", "num_clusters", "PCL: clusters per granularity.", positive_ints)
 define("integer", "warmup_epochs", "PCL: epochs of InfoNCE only before the first E-step.", non_negative)
 define("float", "prototype_temperature", "PCL: the mean of phi, ProtoNCE's temperature (0: the same as "
@@ -94,7 +99,7 @@ define("integer", "kmeans_iters", "PCL: k-means iterations (upper bound; stops e
 define("integer", "kmeans_restarts", "PCL: k-means restarts.", at_least_one)
 
 METHOD_FLAGS = sorted(CHECKS.keys() | {"momentum_schedule", "symmetric", "head", "fixed_predictor_lr",
-                                       "feature_bank", "small_crop_scale"})
+                                       "feature_bank", "small_crop_scale", "supervised_loss"})
 
 
 class Method:
@@ -107,10 +112,10 @@ class Method:
     #: Defaults of flags every method shares (run.py's), where this method's differ.
     common_defaults = {}
 
-    def check(self, config, num_train):
-        """Cross-flag checks that need the data size; raise UsageError."""
+    def check(self, config, split):
+        """Cross-flag checks that need the data (a `keras_pcl.data.Split`); raise UsageError."""
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         """The compiled-to-be keras_pcl model."""
         raise NotImplementedError
 
@@ -143,7 +148,7 @@ class MoCoMethod(Method):
                  head="mlp")
     common_defaults = dict(norm="split", augmentation="moco_v2", learning_rate=0.06, weight_decay=5e-4)
 
-    def check(self, config, num_train):
+    def check(self, config, split):
         if config.queue_size < 1:
             raise UsageError(f"--queue_size must be >= 1 for --method={self.name}, got {config.queue_size}.")
         check_queue(config)
@@ -156,7 +161,7 @@ class MoCoMethod(Method):
         return dict(queue_size=config.queue_size, momentum=config.momentum, temperature=config.temperature,
                     symmetric=config.symmetric, momentum_schedule=config.momentum_schedule)
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         return keras_pcl.MoCo(backbone, self.head(keras_pcl, config), **self.moco_arguments(config))
 
 
@@ -167,16 +172,16 @@ class PCLMethod(MoCoMethod):
                  kmeans_iters=20, kmeans_restarts=1)
     common_defaults = dict(MoCoMethod.common_defaults, augmentation="pcl_v2")
 
-    def check(self, config, num_train):
-        super().check(config, num_train)
-        largest = max(int(k) for k in config.num_clusters)
+    def check(self, config, split):
+        super().check(config, split)
+        largest, num_train = max(int(k) for k in config.num_clusters), len(split.train_images)
         if largest > num_train:
             raise UsageError(f"--num_clusters {largest} exceeds the {num_train} training images; use fewer clusters.")
         if min(int(k) for k in config.num_clusters) < 2:
             raise UsageError("--num_clusters takes counts >= 2.")
 
-    def build(self, keras_pcl, config, backbone, num_train):
-        return keras_pcl.PCL(backbone, self.head(keras_pcl, config), num_samples=num_train,
+    def build(self, keras_pcl, config, backbone, split):
+        return keras_pcl.PCL(backbone, self.head(keras_pcl, config), num_samples=len(split.train_images),
                              num_clusters=tuple(int(k) for k in config.num_clusters),
                              warmup_epochs=config.warmup_epochs,
                              num_negative_prototypes=config.num_negative_prototypes or None,
@@ -202,7 +207,7 @@ class SimCLRMethod(Method):
                            learning_rate=lambda config: 0.3 * config.batch_size / 256,
                            lr_warmup_epochs=lambda config: max(1, config.epochs // 10))
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.SimCLR(backbone, projector, temperature=config.temperature)
 
@@ -213,7 +218,7 @@ class BYOLMethod(Method):
                  predictor_hidden_dim=lambda config: config.hidden_dim)
     common_defaults = dict(norm="batch", augmentation="byol", learning_rate=0.06, weight_decay=5e-4)
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         predictor = mlp(keras_pcl, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
                         name="predictor")
@@ -228,7 +233,7 @@ class SimSiamMethod(Method):
     common_defaults = dict(norm="batch", augmentation="simclr", learning_rate=0.06, weight_decay=5e-4,
                            embedding_dim=lambda config: config.hidden_dim)
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim, config.hidden_dim), batch_norm=True,
                         output_norm="batch_no_affine", name="projector")
         predictor = mlp(keras_pcl, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
@@ -249,7 +254,7 @@ class SwAVMethod(Method):
     common_defaults = dict(norm="batch", augmentation="simclr", optimizer="lars", learning_rate=0.6,
                            weight_decay=1e-6)
 
-    def check(self, config, num_train):
+    def check(self, config, split):
         check_queue(config)
         try:
             scale = [float(v) for v in config.small_crop_scale]
@@ -265,7 +270,7 @@ class SwAVMethod(Method):
                                   small_scale=tuple(float(v) for v in config.small_crop_scale),
                                   preset=config.augmentation)
 
-    def build(self, keras_pcl, config, backbone, num_train):
+    def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.SwAV(
             backbone, projector, num_prototypes=config.num_prototypes, temperature=config.temperature,
@@ -274,5 +279,52 @@ class SwAVMethod(Method):
             queue_size=config.queue_size, queue_start_epoch=config.queue_start_epoch)
 
 
+def class_counts(keras_pcl, split):
+    """Training images per class, over the classes of both splits."""
+    num_classes = int(max(split.train_labels.max(), split.test_labels.max())) + 1
+    return [int(c) for c in keras_pcl.data.class_counts(split.train_labels, num_classes)]
+
+
+class SupConMethod(SimCLRMethod):
+    name = "supcon"
+    flags = dict(temperature=0.1)  # the paper's
+    common_defaults = dict(norm="batch", augmentation="simclr", learning_rate=0.06, weight_decay=5e-4)
+
+    def build(self, keras_pcl, config, backbone, split):
+        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        return keras_pcl.SupCon(backbone, projector, temperature=config.temperature)
+
+
+class PaCoMethod(MoCoMethod):
+    name = "paco"
+    # The official ImageNet-LT alpha, beta, gamma and temperature; MoCo's digits-sized queue and momentum.
+    flags = dict(temperature=0.2, momentum=0.99, momentum_schedule="constant", queue_size=1024, alpha=0.05,
+                 beta=1.0, gamma=1.0)
+    common_defaults = dict(norm="split", augmentation="paco", learning_rate=0.06, weight_decay=5e-4)
+
+    def build(self, keras_pcl, config, backbone, split):
+        counts = class_counts(keras_pcl, split)
+        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        return keras_pcl.PaCo(backbone, projector, num_classes=len(counts), class_counts=counts,
+                              queue_size=config.queue_size, momentum=config.momentum, temperature=config.temperature,
+                              alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+                              momentum_schedule=config.momentum_schedule)
+
+
+class SupervisedMethod(Method):
+    name = "supervised"
+    flags = dict(supervised_loss="ce")
+    common_defaults = dict(norm="batch", augmentation="crop_flip", learning_rate=0.06, weight_decay=5e-4)
+
+    def views(self, augment, config, image_size, channels, crop_scale):
+        return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale, num_views=1)
+
+    def build(self, keras_pcl, config, backbone, split):
+        counts = class_counts(keras_pcl, split)
+        return keras_pcl.Supervised(backbone, len(counts), classification_loss=config.supervised_loss,
+                                    class_counts=counts)
+
+
 REGISTRY = {method.name: method for method in
-            (MoCoMethod(), PCLMethod(), SimCLRMethod(), BYOLMethod(), SimSiamMethod(), SwAVMethod())}
+            (MoCoMethod(), PCLMethod(), SimCLRMethod(), BYOLMethod(), SimSiamMethod(), SwAVMethod(), SupConMethod(),
+             PaCoMethod(), SupervisedMethod())}

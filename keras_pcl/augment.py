@@ -242,13 +242,37 @@ def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None
     return views
 
 
+def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0)):
+    """The supervised baselines' augmentation: random resized crop and horizontal flip."""
+    del channels
+    return keras.layers.Pipeline([RandomResizedCrop(image_size, image_size, scale=crop_scale),
+                                  keras.layers.RandomFlip("horizontal")], name="crop_flip_augment")
+
+
+def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnitude=0.5):
+    """PaCo's two views (its ImageNet-LT recipe): a strong query view (crop, flip, colour jitter
+    (0.4, 0.4, 0.4, 0) always, then Keras' RandAugment with `num_ops` operations of strength
+    `magnitude`) and a MoCo v2 key view (`pcl_v2`).
+
+    Returns:
+        `[query_augmentation, key_augmentation]`.
+    """
+    query = keras.layers.Pipeline(
+        [RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.0, jitter_rate=1.0, grayscale_rate=0.0)
+        + [keras.layers.RandAugment(value_range=(0, 1), num_ops=num_ops, factor=magnitude)],
+        name="paco_query_augment")
+    return [query, pcl_v2(image_size, channels, crop_scale)]
+
+
 def _blur(image_size):
     return keras.layers.RandomGaussianBlur(
         factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1))
 
 
-PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr}
-VIEW_PRESETS = ("byol",)
+PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr,
+           "crop_flip": crop_flip}
+VIEW_PRESETS = {"byol": byol_views, "paco": paco_views}  # a different augmentation per view
 
 
 def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0)):
@@ -260,11 +284,12 @@ def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0)):
 
 def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2):
     """The augmentation of each of `num_views` views for a preset: the same layer for
-    every view (one of `PRESETS`), or BYOL's two asymmetric ones (`"byol"`)."""
-    if name == "byol":
+    every view (one of `PRESETS`), or a different one per view (`VIEW_PRESETS`: BYOL's two
+    asymmetric ones, PaCo's strong query and MoCo v2 key)."""
+    if name in VIEW_PRESETS:
         if num_views != 2:
-            raise InvalidInputError(f"the byol augmentation makes 2 views, {num_views} were asked for.")
-        return byol_views(image_size, channels, crop_scale)
+            raise InvalidInputError(f"the {name} augmentation makes 2 views, {num_views} were asked for.")
+        return VIEW_PRESETS[name](image_size, channels, crop_scale)
     if name not in PRESETS:
-        raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + list(VIEW_PRESETS)}.")
+        raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + sorted(VIEW_PRESETS)}.")
     return [get_preset(name, image_size, channels, crop_scale)] * num_views

@@ -260,6 +260,48 @@ def holdout_split(split, count, seed=0):
                  notes=f"{split.notes}; evaluated on {count} training images held out (seed {seed}), not the test split")
 
 
+def long_tail_split(split, imbalance, seed=0):
+    """A long-tailed training split of a labelled dataset; the test split stays as it is.
+
+    The standard exponential profile (Cao et al., 2019): with C classes in their
+    label order and n_max the largest class's training count, class c keeps
+    `floor(n_max * imbalance ** (-c / (C - 1)))` images (at least 1, at most what it
+    has), chosen at random by `seed`; imbalance = largest / smallest class.
+
+    Args:
+        split: a `Split` with integer labels.
+        imbalance: R >= 1 (1: balanced, 100: the usual "-LT" benchmarks).
+        seed: which images each class keeps.
+
+    Returns:
+        A `Split` whose `train_class_counts` lists the kept images per class.
+    """
+    if split.train_labels is None:
+        raise InvalidInputError(f"dataset {split.name!r} has no labels to make a long-tailed split of; "
+                                "drop --long_tail_imbalance or give a labelled source.")
+    if not imbalance >= 1:
+        raise InvalidInputError(f"the imbalance ratio must be >= 1 (largest over smallest class), got {imbalance}.")
+    labels = check_labels(split.train_labels, len(split.train_labels))
+    num_classes = int(labels.max()) + 1
+    n_max = np.bincount(labels, minlength=num_classes).max()
+    rng = np.random.default_rng(seed)
+    kept = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        want = int(n_max * imbalance ** (-c / max(num_classes - 1, 1)))
+        kept.append(rng.choice(members, min(len(members), max(1, want)), replace=False))
+    kept = np.sort(np.concatenate(kept))
+    long_tailed = Split(f"{split.name}[long-tail {imbalance:g}]", split.train_images[kept], labels[kept],
+                        split.test_images, split.test_labels,
+                        notes=f"{split.notes}; long-tailed training split, imbalance {imbalance:g} (seed {seed})")
+    return long_tailed
+
+
+def class_counts(labels, num_classes):
+    """`[num_classes]` images per class."""
+    return np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 

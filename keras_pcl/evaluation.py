@@ -5,9 +5,12 @@
 * `low_shot_svm`: the PCL paper's low-shot protocol, one-vs-rest LinearSVC
   (C=0.5, positive class weight 2) on L2-normalised features, k labelled
   images per class, mean over draws;
-* `clustering_scores`: k-means with K = number of classes, AMI/NMI/ARI.
+* `clustering_scores`: k-means with K = number of classes, AMI/NMI/ARI;
+* long-tailed labels: `long_tail_report` (top-1 overall, per class, head /
+  middle / tail) of a classifier's predictions, `balanced_linear_classifier`
+  on frozen features.
 
-`evaluate_features` runs all of them; `raw_pixel_features` gives the
+`evaluate_features` runs the first four; `raw_pixel_features` gives the
 baseline every number should be read against.
 """
 
@@ -175,3 +178,69 @@ class KNNMonitor(keras.callbacks.Callback):
         self.history.append((epoch, accuracy))
         if logs is not None:
             logs["val_knn_top1"] = accuracy
+
+
+def frequency_groups(train_counts):
+    """Head, middle and tail classes by training frequency: the most frequent third, the middle
+    and the rarest third (for 10 classes: 3, 4 and 3), ties broken by class id.
+
+    Returns:
+        `{"head": [...], "middle": [...], "tail": [...]}` class ids.
+    """
+    counts = np.asarray(train_counts)
+    order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+    third = len(order) // 3
+    return {"head": sorted(order[:third]), "middle": sorted(order[third:len(order) - third]),
+            "tail": sorted(order[len(order) - third:])}
+
+
+def long_tail_report(predicted, test_labels, train_counts):
+    """Top-1 on a (balanced) test split overall, per class, and for the head / middle / tail
+    classes of the training split (`frequency_groups`); a group's accuracy is the mean of
+    its classes' accuracies.
+
+    Returns:
+        `{"top1", "head_top1", "middle_top1", "tail_top1", "per_class_top1": [C]}`.
+    """
+    predicted, test_labels = np.asarray(predicted), np.asarray(test_labels)
+    num_classes = len(train_counts)
+    per_class = [float((predicted[test_labels == c] == c).mean()) if (test_labels == c).any() else float("nan")
+                 for c in range(num_classes)]
+    report = {"top1": float((predicted == test_labels).mean()), "per_class_top1": per_class}
+    for name, classes in frequency_groups(train_counts).items():
+        report[f"{name}_top1"] = float(np.nanmean([per_class[c] for c in classes]))
+    return report
+
+
+def balanced_linear_classifier(train_features, train_labels, test_features, class_counts, epochs=100,
+                               learning_rate=0.01, seed=0):
+    """A linear classifier on frozen features trained with the balanced softmax (cross-entropy on
+    `logits + log prior`, prior = `class_counts / sum`); returns its test predictions from the
+    plain logits. SupCon's second stage on long-tailed labels.
+
+    Full-batch Adam on standardised features, `epochs` steps.
+    """
+    import keras
+    import tensorflow as tf
+
+    scaler = StandardScaler().fit(train_features)
+    x = tf.constant(scaler.transform(train_features), tf.float32)
+    y = tf.constant(np.asarray(train_labels), tf.int32)
+    counts = np.asarray(class_counts, np.float64)
+    log_prior = tf.constant(np.log(counts / counts.sum() + 1e-9), tf.float32)
+    keras.utils.set_random_seed(seed)
+    layer = keras.layers.Dense(len(counts), dtype="float32")
+    layer.build((None, x.shape[1]))
+    optimizer = keras.optimizers.Adam(learning_rate)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, layer(x) + log_prior))
+        optimizer.apply(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables)
+        return loss
+
+    for _ in range(epochs):
+        step()
+    logits = layer(tf.constant(scaler.transform(test_features), tf.float32))
+    return np.asarray(tf.argmax(logits, axis=1))

@@ -156,3 +156,26 @@ def test_holdout_split_evaluates_on_unseen_training_images():
         data.holdout_split(split, 50)
     with pytest.raises(ValueError, match="no labels"):
         data.holdout_split(data.Split("unlabelled", images, None, images, None), 10)
+
+
+@pytest.mark.parametrize("imbalance", [1, 10, 100])
+def test_long_tail_split_follows_the_exponential_profile(imbalance):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 500)
+    images = rng.integers(0, 256, (5000, 4, 4, 1)).astype(np.uint8)
+    split = data.Split("toy", images, labels, images[:100], labels[:100])
+    long_tailed = data.long_tail_split(split, imbalance, seed=3)
+    counts = np.bincount(long_tailed.train_labels, minlength=10)
+    np.testing.assert_array_equal(counts, [max(1, int(500 * imbalance ** (-c / 9))) for c in range(10)])
+    assert long_tailed.test_images is split.test_images  # the test split is untouched
+    # The kept images are the labelled ones: every kept image appears in the source with its label.
+    source = {img.tobytes(): lab for img, lab in zip(images, labels)}
+    assert all(source[img.tobytes()] == lab for img, lab in zip(long_tailed.train_images, long_tailed.train_labels))
+    again = data.long_tail_split(split, imbalance, seed=3)
+    np.testing.assert_array_equal(again.train_images, long_tailed.train_images)  # seeded
+
+
+def test_long_tail_split_needs_labels():
+    split = data.Split("unlabelled", np.zeros((10, 4, 4, 1), np.uint8), None, np.zeros((2, 4, 4, 1), np.uint8), None)
+    with pytest.raises(ValueError, match="no labels"):
+        data.long_tail_split(split, 10)

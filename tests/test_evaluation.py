@@ -59,3 +59,36 @@ def test_low_shot_skips_shots_larger_than_a_class(separable):
 def test_raw_pixels_scale_uint8():
     images = np.full((2, 4, 4, 1), 255, np.uint8)
     np.testing.assert_array_equal(evaluation.raw_pixel_features(images), np.ones((2, 16)))
+
+
+def test_frequency_groups_and_the_long_tail_report():
+    from keras_pcl import evaluation
+
+    counts = [500, 300, 200, 120, 80, 50, 30, 20, 10, 5]
+    groups = evaluation.frequency_groups(counts)
+    assert groups == {"head": [0, 1, 2], "middle": [3, 4, 5, 6], "tail": [7, 8, 9]}
+    test_labels = np.repeat(np.arange(10), 10)
+    predicted = test_labels.copy()
+    predicted[test_labels >= 7] = 0  # the tail is always wrong
+    predicted[:5] = 1  # half of class 0 wrong
+    report = evaluation.long_tail_report(predicted, test_labels, counts)
+    assert report["per_class_top1"][0] == 0.5 and report["per_class_top1"][9] == 0.0
+    assert report["head_top1"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert report["middle_top1"] == 1.0 and report["tail_top1"] == 0.0
+    assert report["top1"] == pytest.approx(65 / 100)
+    assert evaluation.frequency_groups([5, 9, 1, 7, 3, 8]) == {"head": [1, 5], "middle": [0, 3], "tail": [2, 4]}
+
+
+def test_balanced_linear_classifier_lifts_the_tail(rng):
+    """On separable features with a 100:1 training prior, the balanced softmax keeps rare classes."""
+    from keras_pcl import evaluation
+
+    centres = rng.normal(size=(4, 8)) * 3
+    train_counts = [400, 100, 20, 4]
+    train_labels = np.concatenate([np.full(n, c) for c, n in enumerate(train_counts)])
+    train = centres[train_labels] + rng.normal(size=(len(train_labels), 8))
+    test_labels = np.repeat(np.arange(4), 50)
+    test = centres[test_labels] + rng.normal(size=(200, 8))
+    predicted = evaluation.balanced_linear_classifier(train, train_labels, test, train_counts)
+    per_class = [(predicted[test_labels == c] == c).mean() for c in range(4)]
+    assert min(per_class) > 0.8, per_class

@@ -19,6 +19,7 @@ from keras_pcl import backbones, data
 from keras_pcl.models import heads
 
 NUM_IMAGES, BATCH = 64, 16
+DIGIT_COUNTS = [9, 7, 6, 5, 7, 8, 6, 5, 5, 6]  # a made-up prior, not uniform
 
 
 def encoder():
@@ -45,9 +46,15 @@ HARNESS = {
     # Small crops and a queue that fills in the first epoch and is used once full (from step 3).
     "swav": lambda: keras_pcl.SwAV(encoder(), bn_mlp(16, (32,)), num_prototypes=12, queue_size=32,
                                    queue_start_epoch=0),
+    "supcon": lambda: keras_pcl.SupCon(encoder(), bn_mlp(16, (32,)), temperature=0.2),
+    "paco": lambda: keras_pcl.PaCo(encoder(), bn_mlp(16, (32,)), num_classes=10, class_counts=DIGIT_COUNTS,
+                                   queue_size=64, momentum=0.9),
+    "supervised": lambda: keras_pcl.Supervised(encoder(), 10, classification_loss="balanced_softmax",
+                                               class_counts=DIGIT_COUNTS),
 }
 # Views beyond the two full-size ones, for methods that take more (SwAV's small crops).
 SMALL_CROPS = {"swav": 2}
+ONE_VIEW = {"supervised"}
 METHODS = sorted(HARNESS)
 
 
@@ -72,8 +79,12 @@ def fit_callbacks(model, images):
     return []
 
 
+DIGIT_LABELS = []
+
+
 @pytest.fixture(scope="module")
 def images(digits):
+    DIGIT_LABELS[:] = list(digits[1][:NUM_IMAGES])
     return digits[0][:NUM_IMAGES]
 
 
@@ -82,8 +93,11 @@ def batches(images, count=None, name=None):
     SMALL_CROPS methods 4x4 crops of the four corners."""
     x = data.to_float(images)
     small = [x[:, :4, :4], x[:, 4:, 4:], x[:, :4, 4:], x[:, 4:, :4]][:SMALL_CROPS.get(name, 0)]
+    views = (x,) if name in ONE_VIEW else (x, x[:, :, ::-1], *small)
+    # Labels for every method (those that do not use them ignore them): digits' own, 0..9.
+    labels = np.asarray(DIGIT_LABELS[:len(images)], np.int32)
     ds = tf.data.Dataset.from_tensor_slices(
-        {"views": (x, x[:, :, ::-1], *small), "index": np.arange(len(images), dtype=np.int32)})
+        {"views": views, "index": np.arange(len(images), dtype=np.int32), "labels": labels})
     ds = ds.batch(BATCH, drop_remainder=True)
     return ds if count is None else ds.take(count)
 

@@ -164,6 +164,16 @@ BAD_INPUTS = [
     ("swav small crops too large", ["--method=swav", "--num_small_crops=2", "--small_crop_size=9"],
      "small crops of 9 px must be between 1 and the image size 8"),
     ("swav bad freeze", ["--method=swav", "--freeze_prototypes_steps=-2"], "--freeze_prototypes_steps must be >= 0"),
+    ("supcon zero temperature", ["--method=supcon", "--temperature=0"], "--temperature must be > 0"),
+    ("paco negative alpha", ["--method=paco", "--alpha=-0.1"], "--alpha must be >= 0"),
+    ("paco no positives", ["--method=paco", "--alpha=0", "--beta=0"], "alpha and beta are both 0"),
+    ("paco queue not a multiple", ["--method=paco", "--queue_size=1000"], "--queue_size 1000 is not a multiple"),
+    ("supervised unknown loss", ["--method=supervised", "--supervised_loss=focal"], "--supervised_loss=focal: value"),
+    ("labels needed", ["--method=paco", "--dataset=npz:{tmp}/nolabels.npz"], "--method=paco trains on labels"),
+    ("negative label", ["--method=supervised", "--dataset=npz:{tmp}/badlabels.npz"], "labels must be class ids >= 0"),
+    ("long tail without labels", ["--long_tail_imbalance=10", "--dataset=npz:{tmp}/nolabels.npz"],
+     "--long_tail_imbalance: dataset 'npz:"),
+    ("long tail below 1", ["--long_tail_imbalance=0.5"], "--long_tail_imbalance must be 0 (off) or >= 1"),
 ]
 
 
@@ -178,6 +188,9 @@ def bad_input_dir(tmp_path_factory):
     images[3, 2, 2, 0] = np.nan
     make_npz(tmp / "nan.npz", images)
     np.savez(tmp / "nox.npz", images=np.zeros((4, 8, 8)))
+    clean = np.random.default_rng(1).uniform(size=(200, 8, 8, 1)).astype(np.float32)
+    make_npz(tmp / "nolabels.npz", clean)
+    make_npz(tmp / "badlabels.npz", clean, labels=np.arange(200) % 10 - 1)
     (tmp / "a_file").write_text("a file, not a folder")
     # An earlier run's outputs that a failed command must leave untouched.
     existing = tmp / "existing"
@@ -209,7 +222,7 @@ def test_command_line_error_has_no_traceback():
     assert out.stderr.strip() == "run.py: error: --temperature must be > 0, got -1.0."
 
 
-@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam", "swav"])
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam", "swav", "supcon", "paco", "supervised"])
 def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_path, capsys, method, digits):
     """--flagfile=quickstart.cfg --method=M (PCL: test_quickstart_writes_every_output): results beside raw
     pixels, a SavedModel serving `embed`, model.keras, the curves of the method's own logs and t-SNE."""
@@ -224,7 +237,7 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
         assert "--method=byol does not use --queue_size; ignored." in printed
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method
-    assert ("queue_size" in config) == (method in ("moco", "swav"))  # only the method's own flags
+    assert ("queue_size" in config) == (method in ("moco", "swav", "paco"))  # only the method's own flags
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == method
     for row in ("encoder", "raw_pixels"):
@@ -246,6 +259,15 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
         assert {"prototypes_used", "code_entropy", "output_std"} <= set(history)
     else:
         assert not hasattr(served, "assign")  # no prototypes, no assign endpoint
+    if method in ("paco", "supervised"):  # a classifier: classify serves it, results.json reports it
+        classified = served.classify(tf.constant(digits[0][:5]))
+        np.testing.assert_allclose(classified["probabilities"].numpy().sum(1), 1.0, rtol=1e-5)
+        assert classified["label"].shape == (5,)
+        report = results["classification"]
+        assert report["classifier"] == "the model's classifier" and len(report["per_class_top1"]) == 10
+        assert 0 <= report["tail_top1"] <= 1 and len(report["train_class_counts"]) == 10
+    else:
+        assert not hasattr(served, "classify")
 
 
 def runner_model_class(method):
@@ -272,3 +294,20 @@ def test_an_internal_error_keeps_its_traceback(runner, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "build_backbone", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"])
+
+
+def test_a_long_tailed_run_reports_head_middle_and_tail(runner, tmp_path):
+    """--long_tail_imbalance=10 on digits: the training split follows the exponential profile, the
+    test split stays whole, and a self-supervised method's frozen features get a balanced-softmax
+    classifier whose head / middle / tail top-1 land in results.json."""
+    out = tmp_path / "lt"
+    runner.execute([f"--flagfile={QUICKSTART}", "--method=simclr", f"--output_dir={out}", "--epochs=2",
+                    "--knn_every=0", "--low_shot_draws=1", "--long_tail_imbalance=10", "--export=false",
+                    "--plots=false"])
+    results = json.loads((out / "results.json").read_text())
+    counts = results["classification"]["train_class_counts"]
+    assert counts[0] == max(counts) and counts[-1] == int(counts[0] * 10 ** -1) and counts == sorted(counts)[::-1]
+    assert results["classification"]["classifier"] == "a balanced-softmax linear classifier on the frozen features"
+    assert results["dataset"].endswith("[long-tail 10]")
+    for key in ("top1", "head_top1", "middle_top1", "tail_top1"):
+        assert 0 <= results["classification"][key] <= 1

@@ -180,14 +180,28 @@ class ContrastiveModel(keras.Model):
         """A `PrototypeSpace` for models with prototypes (PCL, SwAV); None here."""
         return None
 
+    has_classifier = False
+
+    def class_logits(self, images):
+        """`[B, C]` class logits as served (no training-time prior), for a model with
+        `has_classifier` (PaCo, the supervised baselines)."""
+        raise NotImplementedError(f"{type(self).__name__} has no classifier.")
+
     def serving_endpoints(self):
         """`{name: fn(images) -> {output: tensor}}` for the SavedModel; images are float
         `[B, H, W, C]` in `[0, 1]` at the encoder's input size. `embed` for every method,
-        `assign` for a model with a `prototype_space()`."""
+        `assign` for a model with a `prototype_space()`, `classify` for one with a classifier."""
         endpoints = {"embed": self._serve_embed}
         if self.prototype_space() is not None:
             endpoints["assign"] = self._serve_assign
+        if self.has_classifier:
+            endpoints["classify"] = self._serve_classify
         return endpoints
+
+    def _serve_classify(self, images):
+        logits = tf.cast(self.class_logits(images), tf.float32)
+        return {"probabilities": tf.nn.softmax(logits, axis=1),
+                "label": tf.argmax(logits, axis=1, output_type=tf.int32)}
 
     # Serving --------------------------------------------------------------------
     def _serve_embed(self, images):

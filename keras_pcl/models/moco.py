@@ -5,23 +5,9 @@ import tensorflow as tf
 
 from keras_pcl import losses
 from keras_pcl.errors import InvalidInputError, check_positive
-from keras_pcl.hashing import hashed_permutation
 from keras_pcl.models.base import ContrastiveModel, deserialize_sub_model, l2_normalize, register_method
-from keras_pcl.models.momentum import check_momentum, momentum_copy
+from keras_pcl.models.momentum import check_momentum, momentum_copy, shuffled_call
 from keras_pcl.models.queue import KeyQueue
-
-
-def _shuffled(fn, x, training, step):
-    """Runs `fn` on a permuted batch and restores the order.
-
-    With split BatchNorm this is keras_pcl's shuffle-BN: a key is normalised
-    with a different sub-batch than its query (see keras_pcl.backbones). The
-    permutation is a function of the optimizer step, so a resumed run shuffles
-    as the uninterrupted one would, in graph mode and under XLA alike.
-    """
-    permutation = hashed_permutation(tf.shape(x)[0], step)
-    y = fn(tf.gather(x, permutation), training=training)
-    return tf.gather(y, tf.math.invert_permutation(permutation))
 
 
 @register_method("moco")
@@ -97,7 +83,7 @@ class MoCo(ContrastiveModel):
     def embed_keys(self, images, training=False):
         """L2-normalised momentum-encoder embeddings `[B, d]` (what PCL clusters)."""
         if training and self.shuffle_keys:
-            return l2_normalize(_shuffled(self._key_encoder, images, training, self.optimizer_step()))
+            return l2_normalize(shuffled_call(self._key_encoder, images, training, self.optimizer_step()))
         return l2_normalize(self._key_encoder(images, training))
 
     def call(self, images, training=False):

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from keras_pcl.distributed import apply_once
 from keras_pcl.errors import InvalidInputError
+from keras_pcl.hashing import hashed_permutation
 
 SCHEDULES = ("constant", "cosine")
 
@@ -80,3 +81,17 @@ def ema_update(pairs, momentum):
     apply_once([(target, tf.cast(momentum, target.dtype) * target
                  + tf.cast(1.0 - momentum, target.dtype) * tf.cast(online, target.dtype))
                 for online, target in pairs])
+
+
+def shuffled_call(fn, x, training, step):
+    """Runs `fn` on a permuted batch and restores the order.
+
+    With split BatchNorm this is keras_pcl's shuffle-BN for a key encoder: a
+    key is normalised with a different sub-batch than its query (see
+    keras_pcl.backbones). The permutation is a function of the optimizer step,
+    so a resumed run shuffles as the uninterrupted one would, in graph mode and
+    under XLA alike.
+    """
+    permutation = hashed_permutation(tf.shape(x)[0], step)
+    y = fn(tf.gather(x, permutation), training=training)
+    return tf.gather(y, tf.math.invert_permutation(permutation))
