@@ -67,8 +67,8 @@ flags.DEFINE_float("lars_epsilon", 1e-8, "LARS epsilon in the trust ratio's deno
 flags.DEFINE_enum("schedule", "cosine", ["cosine", "step", "constant"], "Learning-rate schedule.")
 flags.DEFINE_list("lr_drops", ["120", "160"], "Epochs at which the step schedule multiplies the rate by 0.1.")
 flags.DEFINE_integer("lr_warmup_epochs", None, "Linear learning-rate warm-up epochs" + PER_METHOD)
-flags.DEFINE_enum("augmentation", None, ["pcl_v1", "pcl_v2", "moco_v1", "moco_v2", "simclr", "byol"],
-                  "Augmentation preset (byol: its two asymmetric views)" + PER_METHOD)
+flags.DEFINE_enum("augmentation", None, ["pcl_v1", "pcl_v2", "moco_v1", "moco_v2", "simclr", "byol", "paco", "crop_flip"],
+                  "Augmentation preset (byol, paco: a different augmentation per view)" + PER_METHOD)
 flags.DEFINE_list("crop_scale", ["0.5", "1.0"], "RandomResizedCrop area range.")
 flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"], "Compute precision.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],

@@ -712,3 +712,338 @@ def test_swav_rejects_bad_num_large_crops(rng, num_crops, num_large_crops):
     crops = [prototype_scores(rng, 4, 3) for _ in range(num_crops)]
     with pytest.raises(keras_pcl.InvalidInputError):
         losses.swav(crops, num_large_crops=num_large_crops)
+
+
+# --- SupCon (Khosla et al., 2020) and PaCo (Cui et al., 2021) ---------------------------------
+
+
+def reference_supcon(z1, z2, labels, t):
+    """Anchor i of [z1; z2] (normalised here) against the other 2B - 1 rows; minus the mean over its
+    positives (the other rows with its label) of log softmax_{a != i}(z_i . z_a / T)."""
+    batch = len(z1)
+    z = [unit64(v) for v in list(z1) + list(z2)]
+    rows_labels = list(labels) + list(labels)
+    out = []
+    for i in range(2 * batch):
+        others = [j for j in range(2 * batch) if j != i]
+        logits = np.array([z[i] @ z[j] / t for j in others])
+        positives = [k for k, j in enumerate(others) if rows_labels[j] == rows_labels[i]]
+        out.append(-sum(log_softmax_at(logits, k) for k in positives) / len(positives))
+    return np.array(out)
+
+
+def unnormalised(rng, batch, dim):
+    """Gaussian rows each at its own scale in [0.1, 10]: the losses must normalise them per row."""
+    return (rng.normal(size=(batch, dim)) * rng.uniform(0.1, 10, (batch, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch,dim", [(1, 4), (3, 5), (8, 8), (16, 3)])
+@pytest.mark.parametrize("temperature", [0.05, 0.2, 1.0])
+@pytest.mark.parametrize("label_kind", ["shared", "distinct"])
+def test_supcon_matches_reference(rng, batch, dim, temperature, label_kind):
+    z1, z2 = unnormalised(rng, batch, dim), unnormalised(rng, batch, dim)
+    if label_kind == "shared":  # few classes: most anchors have several positives besides the other view
+        labels = rng.integers(0, max(1, batch // 3), batch)
+    else:
+        labels = rng.permutation(1000)[:batch] - 500  # distinct, arbitrary (also negative) ids
+    got = losses.supcon(z1, z2, labels, temperature)
+    assert got.shape == (2 * batch,) and got.dtype == tf.float32
+    want = reference_supcon(z1, z2, labels, temperature)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    if label_kind == "distinct":  # one positive per anchor, its other view: SimCLR's NT-Xent
+        np.testing.assert_allclose(got.numpy(), losses.nt_xent(z1, z2, temperature).numpy(), rtol=1e-6,
+                                   atol=1e-6)
+    elif batch >= 8:  # teeth: the shared labels make it differ from NT-Xent
+        assert np.abs(got.numpy() - reference_nt_xent(z1, z2, temperature)).max() > 1e-2
+
+
+def test_supcon_with_labels_as_column_and_tensor(rng):
+    z1, z2 = unnormalised(rng, 6, 4), unnormalised(rng, 6, 4)
+    labels = np.array([2, 0, 2, 1, 0, 2])
+    want = reference_supcon(z1, z2, labels, 0.1)
+    for form in (labels[:, None], tf.constant(labels, tf.int64), labels.astype(np.int32)):
+        np.testing.assert_allclose(losses.supcon(z1, z2, form, 0.1).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_supcon_anchor_of_a_label_seen_once_has_its_other_view_as_positive(rng):
+    batch = 7
+    z1, z2 = unnormalised(rng, batch, 6), unnormalised(rng, batch, 6)
+    labels = np.array([0, 0, 1, 0, 1, 9, 1])  # label 9 only at image 5
+    got = losses.supcon(z1, z2, labels, 0.2).numpy()
+    np.testing.assert_allclose(got, reference_supcon(z1, z2, labels, 0.2), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got).all() and (got > 0).all()
+    # Its two rows (5 and B + 5) have exactly one positive, the other view: NT-Xent's rows.
+    simclr = reference_nt_xent(z1, z2, 0.2)
+    np.testing.assert_allclose(got[[5, batch + 5]], simclr[[5, batch + 5]], rtol=1e-5, atol=1e-5)
+    # The others have more positives, so their loss is not NT-Xent's.
+    assert np.abs(np.delete(got - simclr, [5, batch + 5])).min() > 1e-4
+    # Every row the same direction: each anchor's softmax is uniform over the other 2B - 1 rows, so every
+    # positive's log-probability, and their mean, is -log(2B - 1), however many positives an anchor has.
+    same = np.repeat(rng.normal(size=(1, 6)).astype(np.float32), batch, axis=0)
+    np.testing.assert_allclose(losses.supcon(same, same * 3, labels, 0.2).numpy(), np.log(2 * batch - 1),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e4])
+def test_supcon_normalises_its_inputs(rng, scale):
+    z1, z2 = normalized(rng, 5, 8), normalized(rng, 5, 8)
+    labels = np.array([1, 1, 0, 1, 0])
+    unit = losses.supcon(z1, z2, labels, 0.1).numpy()
+    s1 = (scale * rng.uniform(0.5, 2.0, (5, 1))).astype(np.float32)
+    s2 = (scale * rng.uniform(0.5, 2.0, (5, 1))).astype(np.float32)
+    got = losses.supcon(z1 * s1, z2 * s2, labels, 0.1).numpy()
+    np.testing.assert_allclose(got, unit, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, reference_supcon(z1, z2, labels, 0.1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_supcon_split_batch_reproduces_the_full_batch(rng, replicas):
+    batch, local, temperature = 8, 8 // replicas, 0.2
+    z1, z2 = unnormalised(rng, batch, 5), unnormalised(rng, batch, 5)
+    labels = np.array([0, 1, 0, 2, 1, 0, 3, 1])  # positives across the halves, and one label seen once
+    full = losses.supcon(z1, z2, labels, temperature).numpy()
+    np.testing.assert_allclose(full, reference_supcon(z1, z2, labels, temperature), rtol=1e-5, atol=1e-5)
+    parts, order = [], []
+    for r in range(replicas):
+        rows = slice(r * local, (r + 1) * local)
+        offset = tf.constant(r * local, tf.int32) if r % 2 else r * local  # int or tensor offset
+        got = losses.supcon(z1[rows], z2[rows], labels[rows], temperature, all_z1=z1, all_z2=z2,
+                            all_labels=labels, offset=offset)
+        assert got.shape == (2 * local,)
+        parts.append(got.numpy())
+        order.append(np.r_[r * local:(r + 1) * local, batch + r * local:batch + (r + 1) * local])
+    np.testing.assert_allclose(np.concatenate(parts), full[np.concatenate(order)], rtol=1e-5, atol=1e-5)
+    # Teeth: each part on its own (no global batch) is a different loss.
+    alone = losses.supcon(z1[:local], z2[:local], labels[:local], temperature).numpy()
+    assert np.abs(alone - parts[0]).max() > 1e-2
+
+
+def reference_paco(features, labels, centre_logits, class_counts, batch, alpha, beta, gamma, t, offset=0,
+                   self_offset=None):
+    """The official PaCoLoss forward (supt = 1, T / base_T = 1) as float64 loops, per anchor.
+
+    Anchor i is row offset + i of features; its own column is self_offset + i (offset unless told: the
+    other value exists only to show that the self column matters)."""
+    f = np.asarray(features, np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    sup = np.asarray(centre_logits, np.float64)
+    counts = np.asarray(class_counts, np.float64)
+    n, num_classes = len(f), sup.shape[1]
+    log_prior = [np.log(counts[c] / counts.sum() + 1e-9) for c in range(num_classes)]
+    self_offset = offset if self_offset is None else self_offset
+    out = []
+    for i in range(batch):
+        a, own = offset + i, self_offset + i
+        logits = [sup[i, c] + log_prior[c] for c in range(num_classes)]
+        logits += [sum(f[a, k] * f[j, k] for k in range(f.shape[1])) / t for j in range(n)]
+        logits = np.array(logits)
+        logits = logits - logits.max()
+        not_self = [0.0 if j == own else 1.0 for j in range(n)]
+        positive = [beta if c == labels[a] else 0.0 for c in range(num_classes)]
+        positive += [alpha * not_self[j] if labels[j] == labels[a] else 0.0 for j in range(n)]
+        weight = [1.0] * num_classes + [gamma * not_self[j] for j in range(n)]
+        log_norm = np.log(sum(np.exp(logits[j]) * weight[j] for j in range(len(logits))) + 1e-12)
+        out.append(-sum(positive[j] * (logits[j] - log_norm) for j in range(len(logits))) / sum(positive))
+    return np.array(out)
+
+
+def paco_inputs(rng, batch, queue_len, num_classes, dim=8, replicas=1, queue_unlabelled=False):
+    """Unit [q; k; queue] rows (k a noisy copy of q, as MoCo's keys are), labels with repeats drawn from
+    at most num_classes - 1 of the classes, queue labels mixing batch labels, others and (optionally) -1;
+    centre logits [replicas * batch, C] and positive class counts."""
+    rows = replicas * batch
+    q = normalized(rng, rows, dim)
+    k = q + 0.3 * rng.normal(size=q.shape).astype(np.float32)
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    queue = normalized(rng, queue_len, dim)
+    batch_labels = rng.integers(0, max(1, num_classes - 1), rows)
+    queue_labels = rng.integers(0, num_classes, queue_len)
+    if queue_len:
+        queue_labels[: min(queue_len, rows)] = batch_labels[: min(queue_len, rows)]  # seen in the batch
+        if queue_unlabelled:
+            queue_labels[::3] = -1
+    features = np.concatenate([q, k, queue]).astype(np.float32)
+    labels = np.concatenate([batch_labels, batch_labels, queue_labels])
+    centre = (rng.normal(size=(rows, num_classes)) * 3).astype(np.float32)
+    counts = rng.integers(1, 500, num_classes).astype(np.float32)
+    return features, labels, centre, counts
+
+
+PACO_WEIGHTS = [(0.05, 1.0, 1.0), (0.02, 1.0, 1.0), (1.0, 0.5, 0.0), (0.3, 2.0, 0.5)]
+
+
+@pytest.mark.parametrize("batch,queue_len,num_classes", [(1, 0, 3), (4, 0, 5), (5, 7, 4), (8, 16, 10)])
+@pytest.mark.parametrize("alpha,beta,gamma", PACO_WEIGHTS)
+@pytest.mark.parametrize("temperature", [0.05, 0.2])
+def test_paco_matches_reference(rng, batch, queue_len, num_classes, alpha, beta, gamma, temperature):
+    features, labels, centre, counts = paco_inputs(rng, batch, queue_len, num_classes,
+                                                   queue_unlabelled=queue_len > 10)
+    got = losses.paco(features, labels, centre, counts, batch, alpha=alpha, beta=beta, gamma=gamma,
+                      temperature=temperature)
+    assert got.shape == (batch,) and got.dtype == tf.float32
+    want = reference_paco(features, labels, centre, counts, batch, alpha, beta, gamma, temperature)
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    # The official loss is the mean over the anchors.
+    np.testing.assert_allclose(tf.reduce_mean(got).numpy(), want.mean(), rtol=1e-5)
+
+
+def test_paco_defaults_are_the_official_cifar_setting(rng):
+    features, labels, centre, counts = paco_inputs(rng, 6, 9, 5)
+    got = losses.paco(features, labels, centre, counts, 6).numpy()
+    np.testing.assert_allclose(got, reference_paco(features, labels, centre, counts, 6, 0.05, 1.0, 1.0, 0.2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_paco_queue_labels_minus_one_are_never_positive(rng):
+    batch, queue_len, num_classes = 4, 6, 3
+    features, labels, centre, counts = paco_inputs(rng, batch, queue_len, num_classes)
+    labels[2 * batch:] = -1
+    # Put the unlabelled queue rows right on the anchors: were they positives, the loss would drop.
+    features[2 * batch:2 * batch + batch] = features[:batch]
+    got = losses.paco(features, labels, centre, counts, batch, alpha=1.0).numpy()
+    want = reference_paco(features, labels, centre, counts, batch, 1.0, 1.0, 1.0, 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The same queue rows labelled as their anchors: a different (lower) loss, so the -1 did matter.
+    relabelled = labels.copy()
+    relabelled[2 * batch:3 * batch] = labels[:batch]
+    positive = losses.paco(features, relabelled, centre, counts, batch, alpha=1.0).numpy()
+    np.testing.assert_allclose(positive, reference_paco(features, relabelled, centre, counts, batch, 1.0, 1.0, 1.0,
+                                                        0.2), rtol=1e-5, atol=1e-6)
+    assert (positive < got - 1e-3).all()
+
+
+def test_paco_with_a_class_of_zero_count(rng):
+    batch, num_classes = 5, 4
+    features, labels, centre, counts = paco_inputs(rng, batch, 6, num_classes)
+    counts[1] = 0.0  # prior 0: its centre logits get log(1e-9)
+    labels[0] = labels[batch] = 1  # an anchor (and its key) of that class
+    got = losses.paco(features, labels, centre, counts.astype(np.int64), batch).numpy()
+    want = reference_paco(features, labels, centre, counts, batch, 0.05, 1.0, 1.0, 0.2)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The prior does enter: with a uniform prior the loss is different.
+    uniform = losses.paco(features, labels, centre, np.ones(num_classes, np.float32), batch).numpy()
+    assert np.abs(uniform - got).max() > 1e-2
+
+
+@pytest.mark.parametrize("alpha,beta,gamma", PACO_WEIGHTS)
+def test_paco_is_finite_and_exact_for_extreme_logits(rng, alpha, beta, gamma):
+    batch, queue_len, num_classes = 6, 10, 5
+    features, labels, centre, counts = paco_inputs(rng, batch, queue_len, num_classes)
+    centre = np.where(rng.uniform(size=centre.shape) < 0.5, 50.0, -50.0).astype(np.float32)
+    centre[0] = -50.0  # an anchor whose every centre logit is far below its contrast logits
+    centre[1] = 50.0
+    counts[2] = 0.0
+    # T = 0.01: contrast logits up to 100 (the self column), centre columns down to -50 - 21 - 100.
+    got = losses.paco(features, labels, centre, counts, batch, alpha=alpha, beta=beta, gamma=gamma,
+                      temperature=0.01).numpy()
+    want = reference_paco(features, labels, centre, counts, batch, alpha, beta, gamma, 0.01)
+    assert np.isfinite(got).all() and np.isfinite(want).all()
+    assert want.max() > 10  # the logits really are large
+    # float32 dot products carry ~1e-7 absolute error, times 1 / T = 100.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("queue_len", [0, 5])
+def test_paco_anchor_offset_reproduces_the_global_batch_rows(rng, queue_len):
+    local, replicas, num_classes, temperature = 3, 2, 4, 0.1
+    # [Q_all; K_all; queue] of a global batch of 2 replicas of 3 anchors each.
+    features, labels, centre, counts = paco_inputs(rng, local, queue_len, num_classes, replicas=replicas)
+    full = losses.paco(features, labels, centre, counts, replicas * local, alpha=0.3, gamma=0.5,
+                       temperature=temperature).numpy()
+    np.testing.assert_allclose(full, reference_paco(features, labels, centre, counts, replicas * local, 0.3, 1.0, 0.5,
+                                                    temperature), rtol=1e-5, atol=1e-6)
+    parts = []
+    for r in range(replicas):
+        start = r * local
+        for offset in (start, tf.constant(start, tf.int32)):  # a replica id times B is a tensor in a strategy
+            got = losses.paco(features, labels, centre[start:start + local], counts, local, alpha=0.3, gamma=0.5,
+                              temperature=temperature, anchor_offset=offset).numpy()
+            assert got.shape == (local,)
+            want = reference_paco(features, labels, centre[start:start + local], counts, local, 0.3, 1.0, 0.5,
+                                  temperature, offset=start)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        parts.append(got)
+        if r:  # teeth: masking column i instead of the anchor's own column o + i gives other values
+            wrong = reference_paco(features, labels, centre[start:start + local], counts, local, 0.3, 1.0, 0.5,
+                                   temperature, offset=start, self_offset=0)
+            assert np.abs(wrong - want).max() > 1e-2
+    np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-5, atol=1e-6)
+
+
+def reference_paco_centre_gradient(features, labels, centre_logits, class_counts, batch, alpha, beta, gamma, t,
+                                   row_weights):
+    """d sum_i w_i loss_i / d c_ik = w_i (exp(l_ik - m_i) / (sum_j norm_ij exp(l_ij - m_i) + 1e-12)
+    - pos_ik / sum_j pos_ij): the row max m_i is a constant, the centre columns' normaliser weight 1."""
+    f = np.asarray(features, np.float64)
+    sup = np.asarray(centre_logits, np.float64)
+    counts = np.asarray(class_counts, np.float64)
+    num_classes, n = sup.shape[1], len(f)
+    grad = np.zeros_like(sup)
+    for i in range(batch):
+        centre = sup[i] + np.log(counts / counts.sum() + 1e-9)
+        contrast = f[i] @ f.T / t
+        m = max(centre.max(), contrast.max())
+        not_self = np.array([0.0 if j == i else 1.0 for j in range(n)])
+        positive_centre = np.array([beta if c == labels[i] else 0.0 for c in range(num_classes)])
+        positive_contrast = alpha * not_self * (labels == labels[i])
+        total_positive = positive_centre.sum() + positive_contrast.sum()
+        norm = np.exp(centre - m).sum() + (gamma * not_self * np.exp(contrast - m)).sum() + 1e-12
+        for c in range(num_classes):
+            grad[i, c] = row_weights[i] * (np.exp(centre[c] - m) / norm - positive_centre[c] / total_positive)
+    return grad
+
+
+@pytest.mark.parametrize("alpha,beta,gamma", PACO_WEIGHTS)
+def test_paco_gradient_wrt_centre_logits(rng, alpha, beta, gamma):
+    batch, queue_len, num_classes, temperature = 4, 6, 5, 0.2
+    features, labels, centre, counts = paco_inputs(rng, batch, queue_len, num_classes)
+    centre = centre * 2  # some centre logits above the contrast ones: the row max is then a centre column
+    row_weights = rng.uniform(0.5, 2.0, batch)
+    want = reference_paco_centre_gradient(features, labels, centre, counts, batch, alpha, beta, gamma, temperature,
+                                          row_weights)
+    # The analytic gradient against central finite differences of the float64 reference.
+    def weighted(c):
+        return row_weights @ reference_paco(features, labels, c, counts, batch, alpha, beta, gamma, temperature)
+
+    step, numeric = 1e-6, np.zeros_like(want)
+    base = centre.astype(np.float64)
+    for i in range(batch):
+        for c in range(num_classes):
+            up, down = base.copy(), base.copy()
+            up[i, c] += step
+            down[i, c] -= step
+            numeric[i, c] = (weighted(up) - weighted(down)) / (2 * step)
+    np.testing.assert_allclose(numeric, want, rtol=1e-5, atol=1e-7)
+    assert np.abs(want).max() > 1e-2  # a non-trivial gradient
+    # With the max detached or not, the gradient is the same (the loss is invariant to a shift of a row, up to
+    # the 1e-12), so this checks the whole backward pass, not the detach itself.
+    centre_tensor = tf.constant(centre)
+    with tf.GradientTape() as tape:
+        tape.watch(centre_tensor)
+        loss = losses.paco(features, labels, centre_tensor, counts, batch, alpha=alpha, beta=beta, gamma=gamma,
+                           temperature=temperature)
+        total = tf.reduce_sum(loss * row_weights.astype(np.float32))
+    got = tape.gradient(total, centre_tensor).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_supcon_and_paco_run_in_float32_for_bfloat16_inputs(rng):
+    z1 = tf.cast(unnormalised(rng, 6, 8), tf.bfloat16)
+    z2 = tf.cast(unnormalised(rng, 6, 8), tf.bfloat16)
+    labels = np.array([0, 1, 0, 1, 2, 0])
+    got = losses.supcon(z1, z2, labels, 0.1)
+    assert got.dtype == tf.float32
+    exact1, exact2 = tf.cast(z1, tf.float32).numpy(), tf.cast(z2, tf.float32).numpy()
+    np.testing.assert_allclose(got.numpy(), reference_supcon(exact1, exact2, labels, 0.1), rtol=1e-5, atol=1e-5)
+    split = losses.supcon(z1[:3], z2[:3], labels[:3], 0.1, all_z1=z1, all_z2=z2, all_labels=labels, offset=0)
+    assert split.dtype == tf.float32
+
+    features, plabels, centre, counts = paco_inputs(rng, 4, 6, 3)
+    features16, centre16 = tf.cast(features, tf.bfloat16), tf.cast(centre, tf.bfloat16)
+    got = losses.paco(features16, plabels, centre16, counts, 4)
+    assert got.dtype == tf.float32
+    want = reference_paco(tf.cast(features16, tf.float32).numpy(), plabels, tf.cast(centre16, tf.float32).numpy(),
+                          counts, 4, 0.05, 1.0, 1.0, 0.2)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)

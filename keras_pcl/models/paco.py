@@ -31,7 +31,7 @@ class PaCo(ContrastiveModel):
     MoCo's structure with labels: the query encoder (`backbone -> projector`)
     is trained, the key encoder is its EMA, and a queue keeps past keys **with
     their labels**. Learnable class centres are a linear classifier on the
-    L2-normalised backbone features. The loss (`keras_pcl.losses.paco`, the
+    backbone features. The loss (`keras_pcl.losses.paco`, the
     official `PaCoLoss`) contrasts each query with the class centres (their
     logits plus the log class prior: the balanced-softmax effect) and with
     `[q; k; queue]`, positives weighted `beta` on the query's centre and
@@ -56,6 +56,11 @@ class PaCo(ContrastiveModel):
         gamma: weight of the contrast columns in the normaliser, >= 0 (1).
         shuffle_keys: permute the key batch before the key encoder (shuffle-BN).
         momentum_schedule: "constant" (the reference) or "cosine".
+        normalize_features: L2-normalise the backbone features before the class
+            centres, as the official ImageNet builder does; its CIFAR script does
+            not (the default here): on small data the centres then learn in far
+            fewer steps (with normalised features, 40 epochs of digits left the
+            classifier at 15 % while kNN on its features reached 95 %).
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -75,7 +80,7 @@ class PaCo(ContrastiveModel):
 
     def __init__(self, backbone, projector, num_classes, class_counts, queue_size=8192, momentum=0.999,
                  temperature=0.2, alpha=0.05, beta=1.0, gamma=1.0, shuffle_keys=True, momentum_schedule="constant",
-                 **kwargs):
+                 normalize_features=False, **kwargs):
         super().__init__(**kwargs)
         self.backbone, self.projector = deserialize_sub_model(backbone), deserialize_sub_model(projector)
         self.num_classes = check_count("num_classes", num_classes, 2)
@@ -88,7 +93,7 @@ class PaCo(ContrastiveModel):
         self.gamma = check_non_negative("gamma", gamma)
         if self.alpha == 0 and self.beta == 0:
             raise InvalidInputError("alpha and beta are both 0: the loss would have no positive.")
-        self.shuffle_keys = bool(shuffle_keys)
+        self.shuffle_keys, self.normalize_features = bool(shuffle_keys), bool(normalize_features)
         if not self.projector.built:
             self.projector.build(self.backbone.output_shape)
         self.embedding_dim = self.projector.compute_output_shape(self.backbone.output_shape)[-1]
@@ -115,8 +120,11 @@ class PaCo(ContrastiveModel):
             return l2_normalize(shuffled_call(self._key_encoder, images, training, self.optimizer_step()))
         return l2_normalize(self._key_encoder(images, training))
 
+    def _centres(self, features):
+        return self.classifier(l2_normalize(features) if self.normalize_features else tf.cast(features, tf.float32))
+
     def class_logits(self, images, training=False):
-        return self.classifier(l2_normalize(self.backbone(images, training=training)))
+        return self._centres(self.backbone(images, training=training))
 
     def call(self, images, training=False):
         return self.class_logits(images, training=training)
@@ -129,7 +137,7 @@ class PaCo(ContrastiveModel):
         labels = tf.cast(batch.labels, tf.int32)
         features = self.backbone(query_view, training=training)
         q = l2_normalize(self.projector(features, training=training))
-        centre_logits = self.classifier(l2_normalize(features))
+        centre_logits = self._centres(features)
         k = tf.stop_gradient(self.embed_keys(key_view, training=training))
         size = tf.shape(q)[0]
         all_labels = gather_across_replicas(labels)
@@ -150,5 +158,6 @@ class PaCo(ContrastiveModel):
                       projector=keras.saving.serialize_keras_object(self.projector),
                       num_classes=self.num_classes, class_counts=self.class_counts, queue_size=self.queue_size,
                       momentum=self.momentum, temperature=self.temperature, alpha=self.alpha, beta=self.beta,
-                      gamma=self.gamma, shuffle_keys=self.shuffle_keys, momentum_schedule=self.momentum_schedule)
+                      gamma=self.gamma, shuffle_keys=self.shuffle_keys, momentum_schedule=self.momentum_schedule,
+                      normalize_features=self.normalize_features)
         return config
