@@ -28,32 +28,41 @@ step() {  # step NAME COMMAND...
   [ "$rc" -eq 0 ] || failed=1
 }
 
-# Section 1: the train step against the PyTorch peer, and what explains it.
+# Section 1 of bench/RESULTS.md: the train step against the PyTorch peer, and its profile
+# (section 5: the small ResNet's step, also symmetric).
 step matmul_peak_probe python bench/matmul_peak_probe.py --sizes=512 --repeats=1
 step train_step_bench python bench/train_step_bench.py --steps=1 --rounds=1 \
   --configs=torch_fp32,keras_fp32,keras_xla_fp32,torch_bf16,keras_bf16,keras_bn_bf16
 step profile_train_step python bench/profile_train_step.py --encoder=small_resnet --steps=1 --top=5
 step profile_train_step_symmetric python bench/profile_train_step.py --encoder=small_resnet --steps=1 --top=5 --symmetric
-step conv_bf16_probe python bench/conv_bf16_probe.py --batch=8 --repeats=1
-step encoder_bf16_probe python bench/encoder_bf16_probe.py
-step split_bn_probe python bench/split_bn_probe.py --batch=16 --rounds=1
 
-# Section 2: k-means against faiss and scikit-learn, and the E-step's embedding pass.
+# Section 2: k-means against faiss and scikit-learn, its A/B against a revision, init and
+# the E-step's restarts.
 step kmeans_bench python bench/kmeans_bench.py --n=10000 --k=100 --repeats=1 \
   --methods=keras_pcl,keras_pcl_xla,faiss,sklearn --modes=defaults,fixed
 step kmeans_bench_memory python bench/kmeans_bench.py --n=10000 --k=100 --memory \
   --methods=keras_pcl,faiss
 step kmeans_ab python bench/kmeans_ab.py --base=HEAD --cases=10000x100 --repeats=1
-step pipeline_probe python bench/pipeline_probe.py --steps=2 --rounds=1
-step embed_compute_probe python bench/embed_compute_probe.py --images=1024 --rounds=1
-step embed_pass_probe python bench/embed_pass_probe.py --images=1024 --rounds=1
+step kmeans_init python bench/kmeans_init.py --n=3000 --k=8 --seeds=1
+step estep_restarts python bench/estep_restarts.py --n=3000 --k=8 --repeats=1
 
-# Section 3: the quality table (one tiny PCL v2 row and the two baselines), and the
+# Section 5: the input pipeline alone.
+step pipeline_probe python bench/pipeline_probe.py --steps=2 --rounds=1
+
+# Sections 3 and 4: the quality table (one tiny PCL v2 row and the two baselines), and the
 # E-step share read from that row's run.
 step quality_table python bench/quality_table.py --epochs=3 --seeds=0 --rows=pcl_v2 \
   --holdout=2000 --out="$out/quality" \
   --extra_flags="--steps_per_epoch=3 --warmup_epochs=1 --knn_every=0"
 step estep_share python bench/estep_share.py "$out/quality/pcl_v2_seed0"
+
+# Long-tailed Fashion-MNIST: one cross-entropy row, one epoch.
+step long_tail_table python bench/long_tail_table.py --epochs=1 --imbalance=100 --seeds=0 \
+  --rows=cross_entropy --out="$out/long_tail"
+
+# The lightly peer: one method, a few steps (lightly's heads, losses and LARS in PyTorch).
+step lightly_peer python bench/lightly_peer.py --method=simclr --epochs=1 --steps_per_epoch=2 \
+  --out="$out/lightly_simclr"
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
