@@ -60,9 +60,16 @@ step estep_share python bench/estep_share.py "$out/quality/pcl_v2_seed0"
 step long_tail_table python bench/long_tail_table.py --epochs=1 --imbalance=100 --seeds=0 \
   --rows=cross_entropy --out="$out/long_tail"
 
+# Per method, keras_pcl's step against lightly's (one method, one encoder).
+step train_step_bench_methods python bench/train_step_bench.py --methods=simclr --encoders=small_resnet \
+  --steps=1 --rounds=1
+
 # The lightly peer: one method, a few steps (lightly's heads, losses and LARS in PyTorch).
 step lightly_peer python bench/lightly_peer.py --method=simclr --epochs=1 --steps_per_epoch=2 \
   --out="$out/lightly_simclr"
+
+step lightly_table python bench/lightly_table.py --methods=simclr --epochs=1 --seeds=0 --train=false \
+  --out="$out/lightly_table"
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
