@@ -17,13 +17,12 @@ seeds, the spread (max - min), and seconds per epoch (the median epoch).
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import run_once  # noqa: E402
 from lightly_peer import CONFIGS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +38,6 @@ FLAGS = flags.FLAGS
 
 def train(library, method, seed):
     out = os.path.join(FLAGS.out, f"{method}_{library}_seed{seed}")
-    if os.path.exists(os.path.join(out, "results.json")) or not FLAGS.train:
-        return out
     if library == "keras_pcl":
         command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                    f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[method])}",
@@ -49,11 +46,7 @@ def train(library, method, seed):
     else:
         command = [sys.executable, os.path.join(ROOT, "bench", "lightly_peer.py"), f"--method={method}",
                    f"--epochs={FLAGS.epochs}", f"--seed={seed}", f"--out={out}"]
-    print("$", " ".join(command), flush=True)
-    started = time.time()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    print(f"  {method} {library} seed {seed}: {time.time() - started:.0f} s wall", flush=True)
-    return out
+    return run_once(out, command, f"{method} {library} seed {seed}", FLAGS.train)
 
 
 def scores(out):

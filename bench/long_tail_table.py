@@ -18,11 +18,12 @@ spread (max - min) over the seeds of each imbalance.
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import run_once  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {  # row -> (config, extra flags)
@@ -45,18 +46,12 @@ FLAGS = flags.FLAGS
 
 def run_row(row, imbalance, seed):
     out = os.path.join(FLAGS.out, f"{row}_lt{imbalance}_seed{seed}")
-    if os.path.exists(os.path.join(out, "results.json")) or not FLAGS.train:
-        return out
     config, extra = ROWS[row]
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', config)}", *extra,
                f"--long_tail_imbalance={imbalance}", f"--epochs={FLAGS.epochs}", f"--seed={seed}",
                f"--output_dir={out}", "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false"]
-    print("$", " ".join(command), flush=True)
-    started = time.time()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    print(f"  {row} imbalance {imbalance} seed {seed}: {time.time() - started:.0f} s wall", flush=True)
-    return out
+    return run_once(out, command, f"{row} imbalance {imbalance} seed {seed}", FLAGS.train)
 
 
 def scores(out):

@@ -16,11 +16,12 @@ over all of its invocations (results.json's `train_seconds`).
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import run_once  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
@@ -82,19 +83,13 @@ def schedule_overrides(config, epochs):
 
 def train_row(row, seed):
     out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
-    if os.path.exists(os.path.join(out, "results.json")):
-        return out
     config = read_config(CONFIGS[row])
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[row])}",
                *schedule_overrides(config, FLAGS.epochs), f"--seed={seed}", f"--output_dir={out}",
                "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false",
                f"--holdout={FLAGS.holdout}", *FLAGS.extra_flags.split()]
-    print("$", " ".join(command), flush=True)
-    started = time.time()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    print(f"  {row} seed {seed}: {time.time() - started:.0f} s wall", flush=True)
-    return out
+    return run_once(out, command, f"{row} seed {seed}")
 
 
 def baseline_rows(seed):

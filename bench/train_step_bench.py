@@ -70,7 +70,13 @@ def keras_step_runner(precision, jit, norm="split", encoder="resnet18", symmetri
     model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=1e-4), jit_compile=jit)
     keras.mixed_precision.set_global_policy("float32")
     views = tf.random.uniform([2, BATCH, *spec["shape"]])
-    batch = ((views[0], views[1]), tf.range(BATCH))
+    return compiled_step_timer(model, ((views[0], views[1]), tf.range(BATCH)))
+
+
+def compiled_step_timer(model, batch):
+    """`run(steps) -> seconds` of the model's compiled Keras train function on a fixed batch."""
+    import tensorflow as tf
+
     model.make_train_function()  # Keras' compiled train function over an iterator
     step = model.train_function
 
@@ -155,21 +161,8 @@ def keras_method_runner(method, encoder, precision):
     model = run.REGISTRY[config.method].build(keras_pcl, config, run.build_backbone(config, split, shape[0]), split)
     model.compile(optimizer=run.build_optimizer(keras, keras_pcl, config, config.learning_rate))
     keras.mixed_precision.set_global_policy("float32")
-    batch = {"views": tuple(method_views(config, shape)), "index": np.arange(BATCH, dtype=np.int32)}
-    model.make_train_function()
-    step = model.train_function
-
-    def run_steps(steps):
-        import tensorflow as tf
-
-        iterator = iter(tf.data.Dataset.from_tensors(batch).repeat(steps))
-        start = time.perf_counter()
-        for _ in range(steps):
-            logs = step(iterator)
-        float(logs["loss"])
-        return time.perf_counter() - start
-
-    return run_steps
+    return compiled_step_timer(model, {"views": tuple(method_views(config, shape)),
+                                       "index": np.arange(BATCH, dtype=np.int32)})
 
 
 def lightly_method_runner(method, encoder, precision):

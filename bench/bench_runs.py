@@ -1,0 +1,17 @@
+"""What the table scripts share: run one experiment command, unless its results.json exists."""
+
+import os
+import subprocess
+import time
+
+
+def run_once(out, command, label, train=True):
+    """Runs `command` (its stdout discarded) unless `out/results.json` exists or `train` is False;
+    prints the command and its wall time. Returns `out`."""
+    if os.path.exists(os.path.join(out, "results.json")) or not train:
+        return out
+    print("$", " ".join(command), flush=True)
+    started = time.time()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {label}: {time.time() - started:.0f} s wall", flush=True)
+    return out
