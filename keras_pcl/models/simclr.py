@@ -60,14 +60,18 @@ class SimCLR(ContrastiveModel):
 
     def check_batch_size(self, global_batch):
         if global_batch < 2:
-            raise InvalidInputError(f"SimCLR needs a global batch of at least 2 images (each image's negatives "
-                                    f"are the others), got {global_batch}.")
+            raise InvalidInputError(f"{type(self).__name__} needs a global batch of at least 2 images (each "
+                                    f"image's negatives are the others), got {global_batch}.")
 
-    def forward(self, batch, training):
+    def embed_views(self, batch, training):
+        """Both views' embeddings `(z1, z2)` from one pass over the `2B` images, and `B`."""
         view1, view2 = batch.views
         size = tf.shape(view1)[0]
         z = self.embed(tf.concat([view1, view2], axis=0), training=training)
-        z1, z2 = z[:size], z[size:]
+        return z[:size], z[size:], size
+
+    def forward(self, batch, training):
+        z1, z2, size = self.embed_views(batch, training)
         logits, positives = losses.nt_xent_logits(
             z1, z2, self.temperature, gather_across_replicas(z1), gather_across_replicas(z2),
             offset=replica_id() * size)  # == losses.nt_xent on one replica

@@ -1,17 +1,16 @@
 """SupCon: supervised contrastive learning, every same-label view of the global batch a positive."""
 
 import keras
-import tensorflow as tf
 
 from keras_pcl import losses
 from keras_pcl.distributed import gather_across_replicas, replica_id
-from keras_pcl.errors import InvalidInputError, check_positive
-from keras_pcl.models.base import ContrastiveModel, deserialize_sub_model, l2_normalize, register_method
+from keras_pcl.models.base import register_method
+from keras_pcl.models.simclr import SimCLR
 
 
 @register_method("supcon")
 @keras.saving.register_keras_serializable(package="keras_pcl")
-class SupCon(ContrastiveModel):
+class SupCon(SimCLR):
     """Supervised Contrastive Learning.
 
     SimCLR's model (both views through one encoder and projector in one pass)
@@ -40,40 +39,15 @@ class SupCon(ContrastiveModel):
     """
 
     loss_names = ("supcon",)
+    metric_names = ()
     uses_labels = True
 
     def __init__(self, backbone, projector, temperature=0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone, self.projector = deserialize_sub_model(backbone), deserialize_sub_model(projector)
-        self.temperature = check_positive("temperature", temperature)
-        if not self.projector.built:
-            self.projector.build(self.backbone.output_shape)
-        self.built = True
-
-    def embed(self, images, training=False):
-        """L2-normalised projections `[B, d]`."""
-        return l2_normalize(self.projector(self.backbone(images, training=training), training=training))
-
-    def call(self, images, training=False):
-        return self.embed(images, training=training)
-
-    def check_batch_size(self, global_batch):
-        if global_batch < 2:
-            raise InvalidInputError(f"SupCon needs a global batch of at least 2 images, got {global_batch}.")
+        super().__init__(backbone, projector, temperature=temperature, **kwargs)
 
     def forward(self, batch, training):
-        view1, view2 = batch.views
-        size = tf.shape(view1)[0]
-        z = self.embed(tf.concat([view1, view2], axis=0), training=training)
-        z1, z2 = z[:size], z[size:]
+        z1, z2, size = self.embed_views(batch, training)
         per_sample = losses.supcon(z1, z2, batch.labels, self.temperature, gather_across_replicas(z1),
                                    gather_across_replicas(z2), gather_across_replicas(batch.labels),
                                    offset=replica_id() * size)  # == losses.supcon on one replica
         return {"supcon": per_sample}, {}
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(backbone=keras.saving.serialize_keras_object(self.backbone),
-                      projector=keras.saving.serialize_keras_object(self.projector),
-                      temperature=self.temperature)
-        return config
