@@ -1,4 +1,4 @@
-"""What the table scripts share: run one experiment command, unless its results.json exists."""
+"""What the table scripts share: run an experiment unless its results.json exists; write tables whole."""
 
 import os
 import subprocess
@@ -15,3 +15,10 @@ def run_once(out, command, label, train=True):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     print(f"  {label}: {time.time() - started:.0f} s wall", flush=True)
     return out
+
+
+def write_atomically(path, text):
+    """Writes to a temporary name, then renames: a stopped run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

@@ -22,7 +22,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once  # noqa: E402
+from bench_runs import run_once, write_atomically  # noqa: E402
 from lightly_peer import CONFIGS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +89,7 @@ def main(argv):
         sections.append("\n".join(lines))
     text = ("keras_pcl vs lightly on Fashion-MNIST (test split), the same flagfile per method; mean ± spread "
             "(max - min) over seeds, accuracies in %.\n\n" + "\n\n".join(sections))
-    with open(os.path.join(FLAGS.out, "table.md.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(os.path.join(FLAGS.out, "table.md.tmp"), os.path.join(FLAGS.out, "table.md"))
+    write_atomically(os.path.join(FLAGS.out, "table.md"), text + "\n")
     print(text)
 
 

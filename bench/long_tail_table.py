@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once  # noqa: E402
+from bench_runs import run_once, write_atomically  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {  # row -> (config, extra flags)
@@ -90,9 +90,7 @@ def main(argv):
     text = (f"Long-tailed Fashion-MNIST, {FLAGS.epochs} epochs per row, balanced test split; mean ± spread "
             "(max - min) over seeds, top-1 in %; head / middle / tail: the 3 / 4 / 3 classes by training "
             "frequency.\n\n" + "\n".join(lines))
-    with open(os.path.join(FLAGS.out, "table.md.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(os.path.join(FLAGS.out, "table.md.tmp"), os.path.join(FLAGS.out, "table.md"))
+    write_atomically(os.path.join(FLAGS.out, "table.md"), text + "\n")
     print(text)
 
 

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once  # noqa: E402
+from bench_runs import run_once, write_atomically  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
@@ -60,13 +60,6 @@ def read_config(name):
 def with_extra_flags(config):
     """The config's flags as run.py sees them once --extra_flags follow the flagfile."""
     return {**config, **flag_values(FLAGS.extra_flags.split())}
-
-
-def write_atomically(path, text):
-    """Writes to a temporary name, then renames: a stopped run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def schedule_overrides(config, epochs):
