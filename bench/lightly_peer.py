@@ -6,7 +6,9 @@
 Trains lightly's implementation of a method (its heads, losses, momentum utilities,
 memory banks and LARS: lightly's code, not ours) on Fashion-MNIST with a PyTorch copy
 of keras_pcl's small ResNet (the same widths, stride-2 stem, BatchNorm or split
-BatchNorm as the flagfile says, keras_pcl's initialisers), the flagfile's batch, epochs,
+BatchNorm as the flagfile says (lightly's `SplitBatchNorm`, which groups samples by
+index modulo the splits where keras_pcl takes contiguous sub-batches), keras_pcl's
+initialisers), the flagfile's batch, epochs,
 learning-rate schedule (linear warm-up then cosine, per step), optimizer (Keras SGD's
 update, reproduced: decoupled weight decay, the rate inside the velocity; lightly's
 LARS where the flagfile says LARS) and method hyperparameters. Then it saves the
@@ -57,32 +59,11 @@ def torch_modules():
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-
-    class SplitBatchNorm2d(nn.BatchNorm2d):
-        """keras_pcl's split BatchNorm: training statistics per group of `num_splits` sub-batches."""
-
-        def __init__(self, channels, num_splits):
-            super().__init__(channels)
-            self.num_splits = num_splits
-
-        def forward(self, x):
-            if not self.training or self.num_splits == 1:
-                return super().forward(x)
-            groups = x.chunk(self.num_splits, 0)
-            outs, means, variances = [], [], []
-            for g in groups:
-                mean, var = g.mean((0, 2, 3)), g.var((0, 2, 3), unbiased=False)
-                outs.append((g - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps))
-                means.append(mean)
-                variances.append(var)
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * torch.stack(means).mean(0))
-                self.running_var.mul_(1 - self.momentum).add_(self.momentum * torch.stack(variances).mean(0))
-            y = torch.cat(outs, 0)
-            return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+    from lightly.models.batchnorm import SplitBatchNorm
 
     def norm(channels, kind, splits):
-        return SplitBatchNorm2d(channels, splits) if kind == "split" else nn.BatchNorm2d(channels)
+        # keras_pcl's split BatchNorm (statistics per group of sub-batches) is lightly's SplitBatchNorm.
+        return SplitBatchNorm(channels, splits) if kind == "split" else nn.BatchNorm2d(channels)
 
     def conv(cin, cout, kernel, stride):
         layer = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
