@@ -85,6 +85,31 @@ def test_a_cosine_schedule_needs_the_length_of_training(digits):
         model.fit(unknown, epochs=1, verbose=0)
 
 
+@pytest.mark.parametrize("method", ["moco", "paco"])
+def test_shuffled_keys_come_back_in_batch_order(method, digits):
+    """The shared key path (`momentum.key_encoder_call`): with batch-wide BatchNorm the shuffle
+    cannot change any key, so shuffled keys equal the unshuffled ones row for row (the order is
+    restored); with split BatchNorm the shuffle regroups the sub-batches, so some keys change."""
+    x = data.to_float(digits[0][:32])
+
+    def build(norm):
+        keras.utils.set_random_seed(1)
+        backbone = backbones.small_cnn((8, 8, 1), width=8, norm=norm, num_splits=4)
+        if method == "moco":
+            return keras_pcl.MoCo(backbone, heads.mlp(8, (16,)), queue_size=64)
+        return keras_pcl.PaCo(backbone, heads.mlp(8, (16,)), num_classes=10, class_counts=[3] * 10, queue_size=64)
+
+    def keys(model, shuffle):
+        model.shuffle_keys = shuffle
+        return model.embed_keys(x, training=True).numpy()
+
+    whole = build("batch")
+    np.testing.assert_allclose(keys(whole, True), keys(whole, False), atol=1e-5)
+    split = build("split")
+    moved = np.abs(keys(split, True) - keys(split, False)).max(axis=1) > 1e-4
+    assert moved.any()
+
+
 # The queue -----------------------------------------------------------------------------
 
 def test_queue_with_labels_wraps_and_keeps_each_rows_label():

@@ -6,7 +6,7 @@ import tensorflow as tf
 from keras_pcl import losses
 from keras_pcl.errors import InvalidInputError, check_positive
 from keras_pcl.models.base import ContrastiveModel, deserialize_sub_model, l2_normalize, register_method
-from keras_pcl.models.momentum import check_momentum, momentum_copy, shuffled_call
+from keras_pcl.models.momentum import check_momentum, key_encoder_call, momentum_copy
 from keras_pcl.models.queue import KeyQueue
 
 
@@ -77,14 +77,10 @@ class MoCo(ContrastiveModel):
         """L2-normalised query embeddings `[B, d]`."""
         return l2_normalize(self.head(self.backbone(images, training=training), training=training))
 
-    def _key_encoder(self, images, training):
-        return self.key_head(self.key_backbone(images, training=training), training=training)
-
     def embed_keys(self, images, training=False):
         """L2-normalised momentum-encoder embeddings `[B, d]` (what PCL clusters)."""
-        if training and self.shuffle_keys:
-            return l2_normalize(shuffled_call(self._key_encoder, images, training, self.optimizer_step()))
-        return l2_normalize(self._key_encoder(images, training))
+        return l2_normalize(key_encoder_call(self.key_backbone, self.key_head, images, training, self.shuffle_keys,
+                                             self.optimizer_step()))
 
     def call(self, images, training=False):
         """Query embeddings of images, or of each view when given `(view1, view2)`."""

@@ -95,3 +95,16 @@ def shuffled_call(fn, x, training, step):
     permutation = hashed_permutation(tf.shape(x)[0], step)
     y = fn(tf.gather(x, permutation), training=training)
     return tf.gather(y, tf.math.invert_permutation(permutation))
+
+
+def key_encoder_call(backbone, head, images, training, shuffle, step):
+    """`head(backbone(images))` of a momentum (key) encoder; through `shuffled_call` if training with `shuffle`.
+
+    The one key path of the methods with a momentum encoder and shuffled keys
+    (MoCo, PCL, PaCo); the caller normalises.
+    """
+    def encode(x, training):
+        return head(backbone(x, training=training), training=training)
+    if training and shuffle:
+        return shuffled_call(encode, images, training, step)
+    return encode(images, training)

@@ -8,7 +8,7 @@ from keras_pcl import losses
 from keras_pcl.distributed import gather_across_replicas, replica_id
 from keras_pcl.errors import InvalidInputError, check_count, check_non_negative, check_positive
 from keras_pcl.models.base import ContrastiveModel, deserialize_sub_model, l2_normalize, register_method
-from keras_pcl.models.momentum import check_momentum, momentum_copy, shuffled_call
+from keras_pcl.models.momentum import check_momentum, key_encoder_call, momentum_copy
 from keras_pcl.models.queue import KeyQueue
 
 
@@ -111,14 +111,10 @@ class PaCo(ContrastiveModel):
         """L2-normalised query projections `[B, d]`."""
         return l2_normalize(self.projector(self.backbone(images, training=training), training=training))
 
-    def _key_encoder(self, images, training):
-        return self.key_projector(self.key_backbone(images, training=training), training=training)
-
     def embed_keys(self, images, training=False):
         """L2-normalised momentum-encoder projections `[B, d]`."""
-        if training and self.shuffle_keys:
-            return l2_normalize(shuffled_call(self._key_encoder, images, training, self.optimizer_step()))
-        return l2_normalize(self._key_encoder(images, training))
+        return l2_normalize(key_encoder_call(self.key_backbone, self.key_projector, images, training,
+                                             self.shuffle_keys, self.optimizer_step()))
 
     def _centres(self, features):
         return self.classifier(l2_normalize(features) if self.normalize_features else tf.cast(features, tf.float32))
