@@ -104,10 +104,16 @@ def test_shuffled_keys_come_back_in_batch_order(method, digits):
         return model.embed_keys(x, training=True).numpy()
 
     whole = build("batch")
-    np.testing.assert_allclose(keys(whole, True), keys(whole, False), atol=1e-5)
+    shuffled = keys(whole, True)
+    np.testing.assert_allclose(shuffled, keys(whole, False), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(shuffled, axis=1), 1.0, atol=1e-5)
     split = build("split")
-    moved = np.abs(keys(split, True) - keys(split, False)).max(axis=1) > 1e-4
-    assert moved.any()
+    at_step_0, unshuffled = keys(split, True), keys(split, False)
+    assert (np.abs(at_step_0 - unshuffled).max(axis=1) > 1e-4).any()
+    # The permutation follows the optimizer step (so a resumed run shuffles as a straight one).
+    split.compile(optimizer=keras.optimizers.SGD(0.1))
+    split.optimizer.iterations.assign(5)
+    assert (np.abs(keys(split, True) - at_step_0).max(axis=1) > 1e-4).any()
 
 
 # The queue -----------------------------------------------------------------------------
