@@ -3,10 +3,13 @@
     python bench/profile_train_step.py --precision=bf16 --steps=2
     python bench/profile_train_step.py --encoder=small_resnet --precision=bf16 --steps=5
     python bench/profile_train_step.py --encoder=small_resnet --steps=5 --symmetric
+    python bench/profile_train_step.py --method=swav --precision=fp32 --steps=2
 
-Builds the same PCL step as `train_step_bench.py` (ResNet-18, batch 256, queue
+Without `--method`, builds the same PCL step as `train_step_bench.py` (ResNet-18, batch 256, queue
 16384, three granularities; or, with `--encoder=small_resnet`, the Fashion-MNIST
-config's step: small ResNet, 28x28x1, queue 4096, 50/100/200 prototypes), warms it up, profiles `--steps` steps with
+config's step: small ResNet, 28x28x1, queue 4096, 50/100/200 prototypes); with `--method`, the
+step `train_step_bench.py --methods=...` times (that method's Fashion-MNIST flagfile on the encoder,
+SwAV with its small crops). Warms it up, profiles `--steps` steps with
 `tf.profiler.experimental` and sums the profiler's op events by op type. Op
 times are summed over the threads that ran them, so the total exceeds the wall
 time; the shares are what count.
@@ -59,18 +62,26 @@ def main():
     parser.add_argument("--encoder", choices=["resnet18", "small_resnet"], default="resnet18",
                         help="resnet18: the issue's step; small_resnet: the Fashion-MNIST config's")
     parser.add_argument("--symmetric", action="store_true", help="both views as queries (PCL(symmetric=True))")
+    parser.add_argument("--method", choices=["moco_v2", "simclr", "byol", "simsiam", "swav"], default=None,
+                        help="a family method's step instead of the PCL step (--norm, --symmetric do not apply)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
+    if args.method and (args.symmetric or args.norm != "split"):
+        parser.error("--norm and --symmetric shape the PCL step; with --method the method's flagfile decides")
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_step_bench import keras_step_runner
+    from train_step_bench import keras_method_runner, keras_step_runner
 
-    run = keras_step_runner(args.precision, False, args.norm, args.encoder, args.symmetric)
+    if args.method:
+        run = keras_method_runner(args.method, args.encoder, args.precision)
+    else:
+        run = keras_step_runner(args.precision, False, args.norm, args.encoder, args.symmetric)
     run(2)  # trace and warm up
     seconds, totals = profiled(lambda: run(args.steps))
     total = sum(totals.values())
-    print(f"# {args.encoder}, {args.precision}, {args.norm} BN{', symmetric' if args.symmetric else ''}: {args.steps} steps in {seconds:.2f} s wall; "
+    step = args.method or f"PCL, {args.norm} BN{', symmetric' if args.symmetric else ''}"
+    print(f"# {step}, {args.encoder}, {args.precision}: {args.steps} steps in {seconds:.2f} s wall; "
           f"op time summed over threads {total / 1000:.2f} s")
     for op_type, ms in totals.most_common(args.top):
         print(f"{op_type:<40}{ms / args.steps:10.1f} ms/step {100 * ms / total:6.1f} %")

@@ -4,7 +4,7 @@
 # pip install -e .[bench]"). Not a benchmark: the numbers it prints mean nothing.
 #
 #   apt-get install -y dataset-fashion-mnist && pip install -e ".[bench]"
-#   bash bench/smoke.sh [OUT]          # OUT defaults to runs/bench_smoke; ~15 min on 2 cores
+#   bash bench/smoke.sh [OUT]          # OUT defaults to runs/bench_smoke; ~20 min on 2 cores
 #
 # Prints one line per script (exit status, seconds) and exits 1 if any script failed;
 # each script's whole output is in OUT/<name>.log.
@@ -63,6 +63,8 @@ step long_tail_table python bench/long_tail_table.py --epochs=1 --imbalance=100 
 # Per method, keras_pcl's step against lightly's (one method, one encoder).
 step train_step_bench_methods python bench/train_step_bench.py --methods=simclr --encoders=small_resnet \
   --steps=1 --rounds=1
+step profile_train_step_swav python bench/profile_train_step.py --method=swav --encoder=small_resnet --steps=1 --top=5
+step crop_sizes python bench/crop_sizes.py --encoder=small_resnet --batch=32 --steps=1 --rounds=1
 
 # The lightly peer: one method, a few steps (lightly's heads, losses and LARS in PyTorch).
 step lightly_peer python bench/lightly_peer.py --method=simclr --epochs=1 --steps_per_epoch=2 \
