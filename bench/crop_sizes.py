@@ -31,7 +31,6 @@ ENCODERS = ("resnet18", "small_resnet")
 
 def encoder_spec(encoder):
     """The encoder's image shape and width (train_step_bench's) and SwAV's small crops (its flagfile)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from lightly_peer import CONFIGS, read_flagfile
     from train_step_bench import METHOD_ENCODERS
 
@@ -49,14 +48,13 @@ def cases(spec, batch, small_crops):
             f"{small_crops} small crops, one call each": [(batch, small, small, c)] * small_crops}
 
 
-def keras_times(encoder, precision, batch, small_crops, steps):
+def keras_times(encoder, spec, precision, batch, small_crops, steps):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU comparison, on any host
     import keras
     import tensorflow as tf
 
     from keras_pcl import backbones
 
-    spec = encoder_spec(encoder)
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     build = backbones.resnet18 if encoder == "resnet18" else backbones.small_resnet
     model = build((None, None, spec["channels"]), width=spec["width"], norm="batch")
@@ -74,10 +72,9 @@ def keras_times(encoder, precision, batch, small_crops, steps):
     return time_cases({name: step_of(shapes) for name, shapes in cases(spec, batch, small_crops).items()}, steps)
 
 
-def torch_times(encoder, precision, batch, small_crops, steps):
+def torch_times(encoder, spec, precision, batch, small_crops, steps):
     from lightly_peer import torch_modules
 
-    spec = encoder_spec(encoder)
     torch, _, _, SmallResNet = torch_modules()
     torch.set_num_threads(os.cpu_count())  # as train_step_bench's torch workers
     if encoder == "resnet18":
@@ -141,7 +138,7 @@ def main():
     args.small_crops = args.small_crops or spec["num_small"]
     if args.worker:
         run = keras_times if args.worker == "keras_pcl" else torch_times
-        print(json.dumps(run(args.encoder, args.precision, args.batch, args.small_crops, args.steps)))
+        print(json.dumps(run(args.encoder, spec, args.precision, args.batch, args.small_crops, args.steps)))
         return
 
     from train_step_bench import measure_peak
