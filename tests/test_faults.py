@@ -9,6 +9,7 @@ a complete checkpoint is always the newest, the messages are one line with their
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,21 @@ def latest_checkpoint_epoch(directory):
     return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
+def running_checkpoint_epoch(directory):
+    """`latest_checkpoint_epoch` while another process is saving there: -1 until it reads whole.
+
+    TF's file reader takes the size from the path but reads the file it opened, so a save's
+    atomic rename of `checkpoint` in between hands it a truncated state; and a pruned
+    checkpoint's files vanish. Python's read sees one file, old or new, whole."""
+    try:
+        state = (directory / "checkpoint").read_text()
+        name = re.search(r'^model_checkpoint_path: "(.+)"$', state, re.MULTILINE).group(1)
+        reader = tf.train.load_checkpoint(str(directory / name))
+        return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (OSError, AttributeError, tf.errors.OpError):
+        return -1
+
+
 def assert_complete(out, epochs=4):
     """What a finished run must hold, however many times it was killed on the way."""
     history = json.loads((out / "history.json").read_text())
@@ -84,7 +100,7 @@ def test_sigkill_during_training_at_every_moment_loses_no_epoch_row(tmp_path):
     moments = [
         printed("dataset digits"),  # start-up: nothing trained yet
         lambda lines: (checkpoints / "checkpoint").exists(),  # the first step checkpoint
-        lambda lines: (checkpoints / "checkpoint").exists() and latest_checkpoint_epoch(checkpoints) >= 2,
+        lambda lines: running_checkpoint_epoch(checkpoints) >= 2,
         printed("E-step: embedding"),
     ]
     for moment in moments:
