@@ -73,14 +73,11 @@ def keras_times(encoder, spec, precision, batch, small_crops, steps):
 
 
 def torch_times(encoder, spec, precision, batch, small_crops, steps):
-    from lightly_peer import torch_modules
+    import torch
+    from lightly_peer import torch_backbone
 
-    torch, _, _, SmallResNet = torch_modules()
     torch.set_num_threads(os.cpu_count())  # as train_step_bench's torch workers
-    if encoder == "resnet18":
-        model = SmallResNet(spec["channels"], spec["width"], "batch", stem_stride=1, widths=(1, 2, 4, 8))
-    else:
-        model = SmallResNet(spec["channels"], spec["width"], "batch")
+    model = torch_backbone(encoder, spec["channels"], spec["width"])
     model.train()
 
     def step_of(shapes):

@@ -104,23 +104,27 @@ def torch_modules():
     return torch, nn, F, SmallResNet
 
 
+def torch_backbone(encoder, channels, width, norm="batch", splits=8):
+    """The PyTorch copy of keras_pcl's `encoder`: the small ResNet, or ResNet-18 with a CIFAR stem."""
+    SmallResNet = torch_modules()[3]
+    if encoder == "resnet18":
+        return SmallResNet(channels, width, norm, splits, stem_stride=1, widths=(1, 2, 4, 8))
+    return SmallResNet(channels, width, norm, splits)
+
+
 # The methods, with lightly's modules ----------------------------------------------------------
 
 def build_method(name, cfg, channels, steps_per_epoch, total_steps, image_size=28):
     """`(model, training_step(views, step) -> loss)` with lightly's heads and losses."""
-    torch, nn, F, SmallResNet = torch_modules()
+    torch, nn, F, _ = torch_modules()
     from lightly.loss import NegativeCosineSimilarity, NTXentLoss, SwaVLoss
     from lightly.models.modules import heads
     from lightly.models.modules.memory_bank import MemoryBankModule
     from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
-    width = int(cfg.get("width", 32))
-    if cfg.get("encoder", "small_resnet") == "resnet18":
-        backbone = SmallResNet(channels, width, cfg.get("norm", "batch"), int(cfg.get("num_splits", 8)), stem_stride=1,
-                               widths=(1, 2, 4, 8))
-    else:
-        backbone = SmallResNet(channels, width, cfg.get("norm", "batch"), int(cfg.get("num_splits", 8)))
+    backbone = torch_backbone(cfg.get("encoder", "small_resnet"), channels, int(cfg.get("width", 32)),
+                              cfg.get("norm", "batch"), int(cfg.get("num_splits", 8)))
     d, hidden, out = backbone.features, int(cfg["hidden_dim"]), int(cfg["embedding_dim"])
     model = nn.Module()
     model.backbone = backbone
