@@ -10,8 +10,10 @@ training split keeps `n_max * R^(-c/(C-1))` images of class c; the test split st
 balanced. Columns: top-1 on the test split, the mean per-class top-1 of the 3 most
 frequent training classes (head), the 4 in the middle and the 3 rarest (tail), all from
 the model's classifier (its plain logits, without the prior) or, for SupCon, from a
-balanced-softmax linear classifier trained on its frozen features; and kNN (k = 200,
-T = 0.1) on the frozen encoder features. Work whose results.json exists is skipped, so
+balanced-softmax linear classifier trained on its frozen features; "frozen": that linear
+classifier on every row's frozen features (results.json's `frozen_features` for rows with
+their own classifier; blank for runs made before it existed); and kNN (k = 200, T = 0.1)
+on the frozen encoder features. Work whose results.json exists is skipped, so
 the script can be stopped and re-run. Prints (and writes to OUT/table.md) the mean and
 spread (max - min) over the seeds of each imbalance.
 """
@@ -32,7 +34,7 @@ ROWS = {  # row -> (config, extra flags)
     "supcon": ("supcon_fashion_mnist_lt.cfg", []),
     "paco": ("paco_fashion_mnist_lt.cfg", []),
 }
-COLUMNS = ["top1", "head_top1", "middle_top1", "tail_top1", "knn_top1"]
+COLUMNS = ["top1", "head_top1", "middle_top1", "tail_top1", "frozen_top1", "knn_top1"]
 
 flags.DEFINE_list("imbalance", ["100", "50", "10"], "Imbalance ratios R (largest over smallest class).")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every imbalance gets the first, --second_seed_at the rest.")
@@ -57,7 +59,11 @@ def run_row(row, imbalance, seed):
 def scores(out):
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    row = {key: results["classification"][key] for key in COLUMNS[:-1]}
+    report = results["classification"]
+    row = {key: report[key] for key in COLUMNS[:4]}
+    # The model's own classifier, or the frozen-features one already (SupCon); None: a run older than the field.
+    row["frozen_top1"] = report["frozen_features"]["top1"] if "frozen_features" in report else \
+        report["top1"] if report["classifier"] != "the model's classifier" else None
     row["knn_top1"] = results["evaluation"]["encoder"]["knn_top1"]
     row["train_seconds"] = results["train_seconds"]
     return row
@@ -75,7 +81,8 @@ def main(argv):
         out = run_row(row, imbalance, seed)
         if os.path.exists(os.path.join(out, "results.json")):
             table.setdefault((imbalance, row), []).append(scores(out))
-    lines = ["| imbalance | row | seeds | train min | top-1 | head | middle | tail | kNN |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| imbalance | row | seeds | train min | top-1 | head | middle | tail | frozen | kNN |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for imbalance in map(int, FLAGS.imbalance):
         for row in FLAGS.rows:
             runs = table.get((imbalance, row))
@@ -83,8 +90,8 @@ def main(argv):
                 continue
             cells = []
             for column in COLUMNS:
-                values = [100 * r[column] for r in runs]
-                cells.append(f"{sum(values) / len(values):.1f} ± {max(values) - min(values):.1f}")
+                values = [100 * r[column] for r in runs if r[column] is not None]
+                cells.append(f"{sum(values) / len(values):.1f} ± {max(values) - min(values):.1f}" if values else "")
             minutes = sum(r["train_seconds"] for r in runs) / len(runs) / 60
             lines.append(f"| {imbalance} | {row} | {len(runs)} | {minutes:.0f} | " + " | ".join(cells) + " |")
     text = (f"Long-tailed Fashion-MNIST, {FLAGS.epochs} epochs per row, balanced test split; mean ± spread "

@@ -323,24 +323,39 @@ def build_backbone(config, split, image_size):
 def classification_results(keras_pcl, config, model, split, feature_sets, image_size):
     """Top-1 overall, per class and for the head / middle / tail classes of the training split, from
     the model's classifier (plain logits, no prior), or, without one on long-tailed data, from a
-    balanced-softmax linear classifier on the frozen features. None when neither applies."""
+    balanced-softmax linear classifier on the frozen features. None when neither applies.
+
+    A model with a classifier trained on long-tailed data also gets that linear classifier on its
+    frozen features (`frozen_features`): where the two differ, the model's classifier, not its
+    features, is what its top-1 measures."""
     from keras_pcl import evaluation
 
     counts = runner_methods.class_counts(keras_pcl, split)
+
+    def frozen_features_classifier():
+        train_features, test_features = feature_sets["encoder"]
+        predicted = evaluation.balanced_linear_classifier(train_features, split.train_labels, test_features, counts)
+        return evaluation.long_tail_report(predicted, split.test_labels, counts)
+
+    def show(source, report):
+        print(f"classification ({source}): top-1 {100 * report['top1']:.1f} %, head {100 * report['head_top1']:.1f}, "
+              f"middle {100 * report['middle_top1']:.1f}, tail {100 * report['tail_top1']:.1f}")
+
+    probe_source = "a balanced-softmax linear classifier on the frozen features"
     if model.has_classifier:
         images = keras_pcl.data.eval_dataset(split.test_images, 512, image_size).map(lambda x, index: x)
         logits = np.concatenate([model.class_logits(batch, training=False).numpy() for batch in images])
-        predicted, source = logits.argmax(1), "the model's classifier"
+        report = evaluation.long_tail_report(logits.argmax(1), split.test_labels, counts)
+        source = "the model's classifier"
+        if config.long_tail_imbalance:
+            report["frozen_features"] = frozen_features_classifier()
+            show(probe_source, report["frozen_features"])
     elif config.long_tail_imbalance:
-        train_features, test_features = feature_sets["encoder"]
-        predicted = evaluation.balanced_linear_classifier(train_features, split.train_labels, test_features, counts)
-        source = "a balanced-softmax linear classifier on the frozen features"
+        report, source = frozen_features_classifier(), probe_source
     else:
         return None
-    report = evaluation.long_tail_report(predicted, split.test_labels, counts)
     report.update(classifier=source, train_class_counts=counts)
-    print(f"classification ({source}): top-1 {100 * report['top1']:.1f} %, head {100 * report['head_top1']:.1f}, "
-          f"middle {100 * report['middle_top1']:.1f}, tail {100 * report['tail_top1']:.1f}")
+    show(source, report)
     return report
 
 

@@ -296,18 +296,29 @@ def test_an_internal_error_keeps_its_traceback(runner, tmp_path, monkeypatch):
         runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"])
 
 
-def test_a_long_tailed_run_reports_head_middle_and_tail(runner, tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "paco"])
+def test_a_long_tailed_run_reports_head_middle_and_tail(runner, tmp_path, method):
     """--long_tail_imbalance=10 on digits: the training split follows the exponential profile, the
     test split stays whole, and a self-supervised method's frozen features get a balanced-softmax
-    classifier whose head / middle / tail top-1 land in results.json."""
+    classifier whose head / middle / tail top-1 land in results.json; a method with its own
+    classifier reports that one, and the linear classifier on its frozen features beside it."""
     out = tmp_path / "lt"
-    runner.execute([f"--flagfile={QUICKSTART}", "--method=simclr", f"--output_dir={out}", "--epochs=2",
+    runner.execute([f"--flagfile={QUICKSTART}", f"--method={method}", f"--output_dir={out}", "--epochs=2",
                     "--knn_every=0", "--low_shot_draws=1", "--long_tail_imbalance=10", "--export=false",
                     "--plots=false"])
     results = json.loads((out / "results.json").read_text())
-    counts = results["classification"]["train_class_counts"]
+    report = results["classification"]
+    counts = report["train_class_counts"]
     assert counts[0] == max(counts) and counts[-1] == int(counts[0] * 10 ** -1) and counts == sorted(counts)[::-1]
-    assert results["classification"]["classifier"] == "a balanced-softmax linear classifier on the frozen features"
     assert results["dataset"].endswith("[long-tail 10]")
-    for key in ("top1", "head_top1", "middle_top1", "tail_top1"):
-        assert 0 <= results["classification"][key] <= 1
+    probe = "a balanced-softmax linear classifier on the frozen features"
+    reports = [report]
+    if method == "paco":
+        assert report["classifier"] == "the model's classifier"
+        reports.append(report["frozen_features"])
+    else:
+        assert report["classifier"] == probe and "frozen_features" not in report
+    for each in reports:
+        assert len(each["per_class_top1"]) == 10
+        for key in ("top1", "head_top1", "middle_top1", "tail_top1"):
+            assert 0 <= each[key] <= 1
