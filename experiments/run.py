@@ -1,4 +1,4 @@
-"""Pretrain a method (PCL, MoCo, SimCLR, BYOL, SimSiam), evaluate the frozen encoder, export it, draw pictures.
+"""Pretrain a method (PCL, MoCo, SimCLR, BYOL, SimSiam, SwAV, SupCon, PaCo, supervised), evaluate, export.
 
     python experiments/run.py                       # PCL on the embedded digits, about a minute
     python experiments/run.py --flagfile=experiments/configs/quickstart.cfg --method=byol
