@@ -59,9 +59,12 @@ def printed(text):
     return lambda lines: any(text in line for line in lines)
 
 
+def checkpoint_epoch(path):
+    return int(tf.train.load_checkpoint(str(path)).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
 def latest_checkpoint_epoch(directory):
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(directory)))
-    return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    return checkpoint_epoch(tf.train.latest_checkpoint(str(directory)))
 
 
 def running_checkpoint_epoch(directory):
@@ -73,8 +76,7 @@ def running_checkpoint_epoch(directory):
     try:
         state = (directory / "checkpoint").read_text()
         name = re.search(r'^model_checkpoint_path: "(.+)"$', state, re.MULTILINE).group(1)
-        reader = tf.train.load_checkpoint(str(directory / name))
-        return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+        return checkpoint_epoch(directory / name)
     except (OSError, AttributeError, tf.errors.OpError):
         return -1
 
