@@ -6,13 +6,15 @@ import time
 
 
 def run_once(out, command, label, train=True):
-    """Runs `command` (its stdout discarded) unless `out/results.json` exists or `train` is False;
-    prints the command and its wall time. Returns `out`."""
+    """Runs `command` (its stdout appended to `out.log`, to follow a long run) unless
+    `out/results.json` exists or `train` is False; prints the command and its wall time. Returns `out`."""
     if os.path.exists(os.path.join(out, "results.json")) or not train:
         return out
     print("$", " ".join(command), flush=True)
     started = time.time()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".log", "a") as log:
+        subprocess.run(command, check=True, stdout=log)
     print(f"  {label}: {time.time() - started:.0f} s wall", flush=True)
     return out
 

@@ -313,13 +313,26 @@ def evaluate(out, seed):
     _, train_labels, _, test_labels = fashion_mnist()
     features = np.load(os.path.join(out, "features.npz"))
     scores = evaluation.evaluate_features(features["train"], train_labels, features["test"], test_labels, seed=seed)
-    with open(os.path.join(out, "results.json")) as f:
+    with open(os.path.join(out, "training.json")) as f:
         results = json.load(f)
     results["evaluation"] = {"encoder": scores}
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    write_json(os.path.join(out, "results.json"), results)
     print(json.dumps(scores))
+
+
+def write_json(path, value):
+    """Temporary name, then rename: a stopped run leaves the whole file or none of it."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate_in_new_process(args):
+    """TensorFlow and PyTorch's DataLoader workers segfault in one process."""
+    import subprocess
+
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--method", args.method, "--out", args.out,
+                    "--seed", str(args.seed), "--evaluate_only"], check=True)
 
 
 def extract(model_backbone, images, torch, batch=512):
@@ -345,6 +358,8 @@ def main():
     args = parser.parse_args()
     if args.evaluate_only:
         return evaluate(args.out, args.seed)
+    if os.path.exists(os.path.join(args.out, "training.json")):  # trained, stopped before its scores
+        return evaluate_in_new_process(args)
 
     torch, nn, F, _ = torch_modules()
     torch.manual_seed(args.seed)
@@ -412,17 +427,16 @@ def main():
         history.append(float(np.mean(losses)))
         print(f"epoch {epoch + 1}/{args.epochs}: loss {history[-1]:.4f}, {epoch_seconds[-1]:.1f} s", flush=True)
     train_f, test_f = extract(model.backbone, train_images, torch), extract(model.backbone, test_images, torch)
-    np.savez(os.path.join(args.out, "features.npz"), train=train_f, test=test_f)
-    results = {"library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,
-               "epoch_seconds": epoch_seconds, "loss": history, "train_seconds": round(sum(epoch_seconds), 1),
-               "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    # np.savez adds ".npz" to a name without it, so the temporary name keeps the suffix.
+    np.savez(os.path.join(args.out, "features.tmp.npz"), train=train_f, test=test_f)
+    os.replace(os.path.join(args.out, "features.tmp.npz"), os.path.join(args.out, "features.npz"))
+    # results.json appears only with the scores: lightly_table.py skips a run that has it.
+    write_json(os.path.join(args.out, "training.json"), {
+        "library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,
+        "epoch_seconds": epoch_seconds, "loss": history, "train_seconds": round(sum(epoch_seconds), 1),
+        "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}})
     del loader  # its worker ends before TensorFlow starts in the evaluation process
-    import subprocess
-
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--method", args.method, "--out", args.out,
-                    "--seed", str(args.seed), "--evaluate_only"], check=True)
+    evaluate_in_new_process(args)
 
 
 if __name__ == "__main__":
