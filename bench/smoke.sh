@@ -69,6 +69,7 @@ step crop_sizes python bench/crop_sizes.py --encoder=small_resnet --batch=32 --s
 # The lightly peer: one method, a few steps (lightly's heads, losses and LARS in PyTorch).
 step lightly_peer python bench/lightly_peer.py --method=simclr --epochs=1 --steps_per_epoch=2 \
   --out="$out/lightly_simclr"
+step lightly_input python bench/lightly_input.py --method=simsiam --batches=1
 
 step lightly_table python bench/lightly_table.py --methods=simclr --epochs=1 --seeds=0 --train=false \
   --out="$out/lightly_table"
