@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lightly_peer import CONFIGS, fashion_mnist, read_flagfile, view_transforms  # noqa: E402
+from lightly_peer import CONFIGS, fashion_mnist, method_config, view_transforms  # noqa: E402
 
 
 def main():
@@ -25,8 +25,7 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    cfg = read_flagfile(CONFIGS[args.method])
-    cfg["method"] = "swav" if args.method == "swav" else cfg.get("method")
+    cfg = method_config(args.method)
     images = fashion_mnist()[0]
     batch = int(cfg["batch_size"])
     transforms = view_transforms(cfg, int(cfg.get("image_size") or images.shape[1]), images.shape[-1])

@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import write_atomically  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
            "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg",
@@ -51,6 +52,13 @@ def read_flagfile(name, extra=()):
             key, _, value = line[2:].partition("=")
             values[key] = value
     return values
+
+
+def method_config(method, extra=()):
+    """`method`'s flagfile as read_flagfile gives it, its "method" key naming the model to build."""
+    cfg = read_flagfile(CONFIGS[method], extra)
+    cfg["method"] = "swav" if method == "swav" else cfg.get("method")
+    return cfg
 
 
 # The backbone: keras_pcl.backbones.small_resnet in PyTorch --------------------------------
@@ -316,15 +324,8 @@ def evaluate(out, seed):
     with open(os.path.join(out, "training.json")) as f:
         results = json.load(f)
     results["evaluation"] = {"encoder": scores}
-    write_json(os.path.join(out, "results.json"), results)
+    write_atomically(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     print(json.dumps(scores))
-
-
-def write_json(path, value):
-    """Temporary name, then rename: a stopped run leaves the whole file or none of it."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def evaluate_in_new_process(args):
@@ -365,8 +366,7 @@ def main():
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
-    cfg = read_flagfile(CONFIGS[args.method], args.extra_flags.split())
-    cfg["method"] = "swav" if args.method == "swav" else cfg.get("method")
+    cfg = method_config(args.method, args.extra_flags.split())
     if cfg["dataset"] != "fashion_mnist":
         raise SystemExit("the lightly peer reads Fashion-MNIST only (apt-get install -y dataset-fashion-mnist)")
     train_images, _, test_images, _ = fashion_mnist()
@@ -431,10 +431,11 @@ def main():
     np.savez(os.path.join(args.out, "features.tmp.npz"), train=train_f, test=test_f)
     os.replace(os.path.join(args.out, "features.tmp.npz"), os.path.join(args.out, "features.npz"))
     # results.json appears only with the scores: lightly_table.py skips a run that has it.
-    write_json(os.path.join(args.out, "training.json"), {
+    write_atomically(os.path.join(args.out, "training.json"), json.dumps({
         "library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,
         "epoch_seconds": epoch_seconds, "loss": history, "train_seconds": round(sum(epoch_seconds), 1),
-        "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}})
+        "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}},
+        indent=2))
     del loader  # its worker ends before TensorFlow starts in the evaluation process
     evaluate_in_new_process(args)
 
