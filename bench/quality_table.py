@@ -1,4 +1,4 @@
-"""Representation quality on Fashion-MNIST: PCL v2, PCL v1, MoCo v2, SimCLR, BYOL, SimSiam, a random encoder, raw pixels.
+"""Representation quality on Fashion-MNIST: PCL v2, PCL v1, MoCo v2, SimCLR, BYOL, SimSiam, SwAV, a random encoder, raw pixels.
 
 Every trained row is one `experiments/run.py` command on its Fashion-MNIST config, with the
 same encoder, augmentation budget (--epochs) and seeds; the script only shortens the schedule
@@ -11,7 +11,9 @@ raw-pixel rows are evaluated here with the same protocols (keras_pcl.evaluation)
 
 Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column;
 "train min" is the mean over seeds of each run's training time, E-steps included, summed
-over all of its invocations (results.json's `train_seconds`).
+over all of its invocations (results.json's `train_seconds`). Below the table, each run's
+collapse monitors (SwAV's `prototypes_used` and `code_entropy`, every method's `output_std`,
+where its history.json has them): the last epoch's value and the lowest over the run.
 """
 
 import json
@@ -26,7 +28,10 @@ from bench_runs import run_once, write_atomically  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
            "moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
-           "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg"}
+           "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg",
+           "swav": "swav_fashion_mnist.cfg"}
+# The epoch metrics that show a collapse (a few prototypes taking every sample, or constant outputs).
+MONITORS = ("prototypes_used", "code_entropy", "output_std")
 COLUMNS = ["knn_top1", "linear_top1", "svm_1shot", "svm_2shot", "svm_4shot", "svm_8shot", "svm_16shot", "ami", "nmi"]
 
 flags.DEFINE_integer("epochs", 12, "Training epochs of every trained row.")
@@ -124,10 +129,26 @@ def table(results):
     return "\n".join(lines)
 
 
+def monitor_lines(out, name):
+    """One line per monitored metric the run's history.json has: last epoch's value, lowest epoch's value."""
+    path = os.path.join(out, "history.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        history = json.load(f)
+    cells = []
+    for key in MONITORS:
+        epochs = [(value, epoch) for epoch, value in enumerate(history.get(key, []), 1) if value is not None]
+        if epochs:
+            lowest, at = min(epochs)
+            cells.append(f"{key} {epochs[-1][0]:.4g} (lowest {lowest:.4g}, epoch {at})")
+    return [f"- {name}: " + "; ".join(cells)] if cells else []
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.out, exist_ok=True)
-    results = {}
+    results, monitors = {}, []
     for seed in map(int, FLAGS.seeds):
         for row in FLAGS.rows:
             out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
@@ -139,6 +160,7 @@ def main(argv):
                 entry = results.setdefault(row, {"scores": [], "seconds": []})
                 entry["scores"].append(result["evaluation"]["encoder"])
                 entry["seconds"].append(result.get("train_seconds") or result["train_seconds_this_invocation"])
+                monitors += monitor_lines(out, f"{row} seed {seed}")
         for name, scores in baseline_rows(seed).items():
             results.setdefault(name, {"scores": [], "seconds": []})["scores"].append(scores)
     evaluated_on = (f"{FLAGS.holdout} held-out training images (run.py --holdout)" if FLAGS.holdout
@@ -148,6 +170,8 @@ def main(argv):
             f"seeds {','.join(FLAGS.seeds)}; "
             "mean ± spread (max - min) over seeds; accuracies in %, low-shot columns are labelled images per class.\n\n"
             + table(results))
+    if monitors:
+        text += "\n\nCollapse monitors (last epoch; lowest epoch):\n" + "\n".join(monitors)
     write_atomically(os.path.join(FLAGS.out, "table.md"), text + "\n")
     print(text)
 

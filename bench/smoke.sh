@@ -49,9 +49,9 @@ step estep_restarts python bench/estep_restarts.py --n=3000 --k=8 --repeats=1
 # Section 5: the input pipeline alone.
 step pipeline_probe python bench/pipeline_probe.py --steps=2 --rounds=1
 
-# Sections 3 and 4: the quality table (one tiny PCL v2 row and the two baselines), and the
+# Sections 3 and 4: the quality table (tiny PCL v2 and SwAV rows and the two baselines), and the
 # E-step share read from that row's run.
-step quality_table python bench/quality_table.py --epochs=3 --seeds=0 --rows=pcl_v2 \
+step quality_table python bench/quality_table.py --epochs=3 --seeds=0 --rows=pcl_v2,swav \
   --holdout=2000 --out="$out/quality" \
   --extra_flags="--steps_per_epoch=3 --warmup_epochs=1 --knn_every=0"
 step estep_share python bench/estep_share.py "$out/quality/pcl_v2_seed0"
