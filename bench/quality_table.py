@@ -12,7 +12,7 @@ raw-pixel rows are evaluated here with the same protocols (keras_pcl.evaluation)
 Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column;
 "train min" is the mean over seeds of each run's training time, E-steps included, summed
 over all of its invocations (results.json's `train_seconds`). Below the table, each run's
-collapse monitors (SwAV's `prototypes_used` and `code_entropy`, every method's `output_std`,
+collapse monitors (SwAV's `prototypes_used` and `code_entropy`, `output_std` of SwAV, BYOL and SimSiam,
 where its history.json has them): the last epoch's value and the lowest over the run.
 """
 
