@@ -595,6 +595,16 @@ def _user_errors():
         (errors.InvalidInputError,) if errors else ())
 
 
+def user_message(error):
+    """The one line a user mistake prints: the error's first line, and for a module this Python lacks, how
+    to install it (keras_pcl's own ImportErrors already say which extra; they carry no module name)."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        message += (f" in {sys.executable}: run `pip install -e .` in the keras_pcl repository with this "
+                    "Python (it installs keras_pcl and what it needs)")
+    return message
+
+
 def run(argv):
     import signal
 
@@ -626,7 +636,7 @@ def run(argv):
                  EXIT_WRITE)
         if not isinstance(error, _user_errors()):
             raise
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        fail(user_message(error))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

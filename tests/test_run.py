@@ -296,6 +296,20 @@ def test_an_internal_error_keeps_its_traceback(runner, tmp_path, monkeypatch):
         runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"])
 
 
+def test_a_missing_module_says_how_to_install_it(runner, tmp_path, capsys, monkeypatch):
+    """keras_pcl (or TensorFlow) missing from the Python that runs run.py: one line that names the fix."""
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'keras_pcl'", name="keras_pcl")
+
+    monkeypatch.setattr(runner, "build_backbone", missing)
+    with pytest.raises(SystemExit) as exit_info:
+        runner.execute([f"--flagfile={QUICKSTART}", f"--output_dir={tmp_path / 'run'}", "--epochs=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("run.py: error: No module named 'keras_pcl' in ") and "pip install -e ." in err
+
+
 @pytest.mark.parametrize("method", ["simclr", "paco"])
 def test_a_long_tailed_run_reports_head_middle_and_tail(runner, tmp_path, method):
     """--long_tail_imbalance=10 on digits: the training split follows the exponential profile, the
