@@ -12,8 +12,9 @@ raw-pixel rows are evaluated here with the same protocols (keras_pcl.evaluation)
 Prints (and writes to OUT/table.md) mean and spread (max - min) over seeds per column;
 "train min" is the mean over seeds of each run's training time, E-steps included, summed
 over all of its invocations (results.json's `train_seconds`). Below the table, each run's
-collapse monitors (SwAV's `prototypes_used` and `code_entropy`, `output_std` of SwAV, BYOL and SimSiam,
-where its history.json has them): the last epoch's value and the lowest over the run.
+collapse monitors, the metrics its model declares as such (SwAV's `prototypes_used` and `code_entropy`,
+`output_std` of SwAV, BYOL and SimSiam) as results.json reports them: the last epoch's value and the
+lowest over the run.
 """
 
 import json
@@ -30,8 +31,6 @@ CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist
            "moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
            "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg",
            "swav": "swav_fashion_mnist.cfg"}
-# The epoch metrics that show a collapse (a few prototypes taking every sample, or constant outputs).
-MONITORS = ("prototypes_used", "code_entropy", "output_std")
 COLUMNS = ["knn_top1", "linear_top1", "svm_1shot", "svm_2shot", "svm_4shot", "svm_8shot", "svm_16shot", "ami", "nmi"]
 
 flags.DEFINE_integer("epochs", 12, "Training epochs of every trained row.")
@@ -129,19 +128,10 @@ def table(results):
     return "\n".join(lines)
 
 
-def monitor_lines(out, name):
-    """One line per monitored metric the run's history.json has: last epoch's value, lowest epoch's value."""
-    path = os.path.join(out, "history.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        history = json.load(f)
-    cells = []
-    for key in MONITORS:
-        epochs = [(value, epoch) for epoch, value in enumerate(history.get(key, []), 1) if value is not None]
-        if epochs:
-            lowest, at = min(epochs)
-            cells.append(f"{key} {epochs[-1][0]:.4g} (lowest {lowest:.4g}, epoch {at})")
+def monitor_lines(result, name):
+    """One line for the run's collapse monitors (results.json's `collapse_monitors`), if its model has any."""
+    cells = [f"{key} {m['last']:.4g} (lowest {m['lowest']:.4g}, epoch {m['lowest_epoch']})"
+             for key, m in result.get("collapse_monitors", {}).items()]
     return [f"- {name}: " + "; ".join(cells)] if cells else []
 
 
@@ -160,7 +150,7 @@ def main(argv):
                 entry = results.setdefault(row, {"scores": [], "seconds": []})
                 entry["scores"].append(result["evaluation"]["encoder"])
                 entry["seconds"].append(result.get("train_seconds") or result["train_seconds_this_invocation"])
-                monitors += monitor_lines(out, f"{row} seed {seed}")
+                monitors += monitor_lines(result, f"{row} seed {seed}")
         for name, scores in baseline_rows(seed).items():
             results.setdefault(name, {"scores": [], "seconds": []})["scores"].append(scores)
     evaluated_on = (f"{FLAGS.holdout} held-out training images (run.py --holdout)" if FLAGS.holdout

@@ -551,6 +551,8 @@ def train_and_evaluate(config, method, crop, drops, resuming):
                "final_logs": {k: v[-1] for k, v in history.items() if v and k != "epoch"}}
     if classification:
         results["classification"] = classification
+    if model.collapse_monitors:
+        results["collapse_monitors"] = collapse_report(history, model.collapse_monitors)
     results.update(method.results(keras_pcl, fit_callbacks))
     write_json(os.path.join(out, "results.json"), results)
 
@@ -593,6 +595,18 @@ def _user_errors():
     errors = sys.modules.get("keras_pcl.errors")
     return (UsageError, FileNotFoundError, NotADirectoryError, ImportError) + (
         (errors.InvalidInputError,) if errors else ())
+
+
+def collapse_report(history, names):
+    """Per monitor the model declares: the last epoch's value and the lowest one (collapse shows as a fall
+    that may recover by the end, so the last value alone can hide it)."""
+    report = {}
+    for name in names:
+        epochs = [(value, epoch) for epoch, value in enumerate(history.get(name, []), 1) if value is not None]
+        if epochs:
+            lowest, at = min(epochs)
+            report[name] = {"last": epochs[-1][0], "lowest": lowest, "lowest_epoch": at}
+    return report
 
 
 def user_message(error):

@@ -62,6 +62,7 @@ def test_every_registered_method_is_in_the_harness():
     assert sorted(keras_pcl.models.METHODS) == METHODS
     for name, cls in keras_pcl.models.METHODS.items():
         assert cls.method_name == name and isinstance(HARNESS[name](), cls)
+        assert set(cls.collapse_monitors) <= set(cls.metric_names), name  # the runner reads them from history
 
 
 def build(name, seed=3, jit_compile=False, learning_rate=0.05):

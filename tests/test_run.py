@@ -259,6 +259,11 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
         assert {"prototypes_used", "code_entropy", "output_std"} <= set(history)
     else:
         assert not hasattr(served, "assign")  # no prototypes, no assign endpoint
+    monitors = results.get("collapse_monitors", {})
+    assert set(monitors) == set(model.collapse_monitors)  # SwAV's three, BYOL's and SimSiam's output_std
+    for name, report in monitors.items():
+        values = history[name]
+        assert report["last"] == values[-1] and report["lowest"] == min(values) == values[report["lowest_epoch"] - 1]
     if method in ("paco", "supervised"):  # a classifier: classify serves it, results.json reports it
         classified = served.classify(tf.constant(digits[0][:5]))
         np.testing.assert_allclose(classified["probabilities"].numpy().sum(1), 1.0, rtol=1e-5)

@@ -8,6 +8,9 @@ One step: batch -> `before_step` -> `forward` (per-sample losses) -> gradients
   per-sample `[B]` tensor; the optimised loss is the sum of their batch means,
   weighted by `term_weights`) and the scalar metrics it reports. Callbacks
   (the NaN guard), the runner and the curves read these, never log-name patterns.
+* `collapse_monitors`: those of `metric_names` whose fall means the method is
+  collapsing (SwAV's prototype use, BYOL's and SimSiam's output spread); the
+  runner reports each one's last and lowest epoch in results.json.
 * `min_views`, `max_views`, `uses_index`, `uses_labels`: what a batch must hold.
 * `forward(batch, training)`: `(losses, outputs)` for a `Batch`.
 
@@ -120,6 +123,7 @@ class ContrastiveModel(keras.Model):
 
     loss_names = ()
     metric_names = ()
+    collapse_monitors = ()
     min_views, max_views = 2, 2
     uses_index = False
     uses_labels = False

@@ -47,6 +47,7 @@ class BYOL(ContrastiveModel):
 
     loss_names = ("normalized_mse",)
     metric_names = ("output_std", "target_momentum")
+    collapse_monitors = ("output_std",)
 
     def __init__(self, backbone, projector, predictor, momentum=0.99, momentum_schedule="cosine", **kwargs):
         super().__init__(**kwargs)

@@ -48,6 +48,7 @@ class SimSiam(ContrastiveModel):
 
     loss_names = ("negative_cosine",)
     metric_names = ("output_std",)
+    collapse_monitors = ("output_std",)
 
     def __init__(self, backbone, projector, predictor, predictor_learning_rate=None, **kwargs):
         super().__init__(**kwargs)

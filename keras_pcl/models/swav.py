@@ -73,6 +73,7 @@ class SwAV(ContrastiveModel):
 
     loss_names = ("swav",)
     metric_names = ("prototypes_used", "code_entropy", "output_std")
+    collapse_monitors = metric_names  # the failure: a few prototypes take every sample
     max_views = None
 
     def __init__(self, backbone, projector, num_prototypes=3000, temperature=0.1, epsilon=0.05,
