@@ -1,8 +1,11 @@
-"""What the table scripts share: run an experiment unless its results.json exists; write tables whole."""
+"""What the bench scripts share: run an experiment unless its results.json exists; write tables whole; read
+a keras_pcl flagfile."""
 
 import os
 import subprocess
 import time
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
 
 
 def run_once(out, command, label, train=True):
@@ -24,3 +27,20 @@ def write_atomically(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def flag_values(lines):
+    """`--key=value` (or absl's `-key=value`) lines as a dict of strings; later lines win, as in absl."""
+    values = {}
+    for line in lines:
+        line = line.strip()
+        if line.startswith("-"):
+            key, _, value = line.lstrip("-").partition("=")
+            values[key] = value
+    return values
+
+
+def read_flagfile(name, extra=()):
+    """The flags of `experiments/configs/<name>`, then the `extra` `--key=value` overrides, as a dict."""
+    with open(os.path.join(CONFIG_DIR, name)) as f:
+        return flag_values(list(f) + list(extra))

@@ -35,23 +35,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import write_atomically  # noqa: E402
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import read_flagfile, write_atomically  # noqa: E402
 CONFIGS = {"moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
            "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg",
            "swav": "swav_fashion_mnist.cfg"}
-
-
-def read_flagfile(name, extra=()):
-    """`--key=value` lines of a keras_pcl flagfile, then `extra` overrides, as a dict of strings."""
-    values = {}
-    with open(os.path.join(ROOT, "experiments", "configs", name)) as f:
-        lines = [line.strip() for line in f] + list(extra)
-    for line in lines:
-        if line.startswith("--"):
-            key, _, value = line[2:].partition("=")
-            values[key] = value
-    return values
 
 
 def method_config(method, extra=()):

@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once, write_atomically  # noqa: E402
+from bench_runs import flag_values, read_flagfile, run_once, write_atomically  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
@@ -43,22 +43,6 @@ flags.DEFINE_integer("holdout", 0, "Evaluate every row on this many held-out tra
 flags.DEFINE_string("extra_flags", "", "Space-separated run.py flags added to every trained row (a variant under test).")
 flags.DEFINE_boolean("train", True, "Train missing rows (false: only tabulate what exists).")
 FLAGS = flags.FLAGS
-
-
-def flag_values(lines):
-    """`--key=value` (or absl's `-key=value`) lines as a dict; later lines win, as in absl."""
-    values = {}
-    for line in lines:
-        if line.startswith("-"):
-            key, _, value = line.strip().lstrip("-").partition("=")
-            values[key] = value
-    return values
-
-
-def read_config(name):
-    """The flags of a config file as a dict (what the random-encoder row must match)."""
-    with open(os.path.join(ROOT, "experiments", "configs", name)) as f:
-        return flag_values(f)
 
 
 def with_extra_flags(config):
@@ -80,7 +64,7 @@ def schedule_overrides(config, epochs):
 
 def train_row(row, seed):
     out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
-    config = read_config(CONFIGS[row])
+    config = read_flagfile(CONFIGS[row])
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[row])}",
                *schedule_overrides(config, FLAGS.epochs), f"--seed={seed}", f"--output_dir={out}",
@@ -99,7 +83,7 @@ def baseline_rows(seed):
 
     from keras_pcl import backbones, data, evaluation
 
-    config = with_extra_flags(read_config(CONFIGS["pcl_v2"]))  # a variant's --width etc. apply here too
+    config = with_extra_flags(read_flagfile(CONFIGS["pcl_v2"]))  # a variant's --width etc. apply here too
     keras.utils.set_random_seed(seed)
     split = data.load_dataset("fashion_mnist", seed=seed)
     if FLAGS.holdout:
