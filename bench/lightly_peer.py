@@ -342,6 +342,9 @@ def main():
     parser.add_argument("--steps_per_epoch", type=int, default=0, help="cap, for smoke runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra_flags", default="", help="overrides of the flagfile, as for run.py")
+    parser.add_argument("--loss_scale", type=float, default=1.0,
+                        help="multiplies lightly's loss before the backward pass (a probe: 4 gives BYOL the "
+                             "gradient of keras_pcl's summed 2 - 2cos at one learning rate); 1 = lightly's own")
     parser.add_argument("--evaluate_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.evaluate_only:
@@ -401,7 +404,7 @@ def main():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = step(views, i).float()
             optimizer.zero_grad()
-            loss.backward()
+            (loss * args.loss_scale if args.loss_scale != 1 else loss).backward()
             if isinstance(optimizer, KerasSGD):
                 optimizer.step(lr, peak)
             else:
@@ -421,6 +424,7 @@ def main():
     write_atomically(os.path.join(args.out, "training.json"), json.dumps({
         "library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,
         "epoch_seconds": epoch_seconds, "loss": history, "train_seconds": round(sum(epoch_seconds), 1),
+        "loss_scale": args.loss_scale,
         "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}},
         indent=2))
     del loader  # its worker ends before TensorFlow starts in the evaluation process
