@@ -404,7 +404,7 @@ def main():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = step(views, i).float()
             optimizer.zero_grad()
-            (loss * args.loss_scale if args.loss_scale != 1 else loss).backward()
+            (loss * args.loss_scale).backward()
             if isinstance(optimizer, KerasSGD):
                 optimizer.step(lr, peak)
             else:

@@ -22,7 +22,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once, write_atomically  # noqa: E402
+from bench_runs import CONFIG_DIR, run_once, write_atomically  # noqa: E402
 from lightly_peer import CONFIGS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def train(library, method, seed):
     out = os.path.join(FLAGS.out, f"{method}_{library}_seed{seed}")
     if library == "keras_pcl":
         command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
-                   f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[method])}",
+                   f"--flagfile={os.path.join(CONFIG_DIR, CONFIGS[method])}",
                    f"--epochs={FLAGS.epochs}", f"--seed={seed}", f"--output_dir={out}", "--knn_every=0",
                    "--raw_pixels=false", "--plots=false", "--export=false"]
     else:

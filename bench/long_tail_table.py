@@ -25,7 +25,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import run_once, write_atomically  # noqa: E402
+from bench_runs import CONFIG_DIR, run_once, write_atomically  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {  # row -> (config, extra flags)
@@ -50,7 +50,7 @@ def run_row(row, imbalance, seed):
     out = os.path.join(FLAGS.out, f"{row}_lt{imbalance}_seed{seed}")
     config, extra = ROWS[row]
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
-               f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', config)}", *extra,
+               f"--flagfile={os.path.join(CONFIG_DIR, config)}", *extra,
                f"--long_tail_imbalance={imbalance}", f"--epochs={FLAGS.epochs}", f"--seed={seed}",
                f"--output_dir={out}", "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false"]
     return run_once(out, command, f"{row} imbalance {imbalance} seed {seed}", FLAGS.train)

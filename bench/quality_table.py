@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runs import flag_values, read_flagfile, run_once, write_atomically  # noqa: E402
+from bench_runs import CONFIG_DIR, flag_values, read_flagfile, run_once, write_atomically  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"pcl_v2": "pcl_v2_fashion_mnist.cfg", "pcl_v1": "pcl_v1_fashion_mnist.cfg",
@@ -66,7 +66,7 @@ def train_row(row, seed):
     out = os.path.join(FLAGS.out, f"{row}_seed{seed}")
     config = read_flagfile(CONFIGS[row])
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
-               f"--flagfile={os.path.join(ROOT, 'experiments', 'configs', CONFIGS[row])}",
+               f"--flagfile={os.path.join(CONFIG_DIR, CONFIGS[row])}",
                *schedule_overrides(config, FLAGS.epochs), f"--seed={seed}", f"--output_dir={out}",
                "--knn_every=0", "--raw_pixels=false", "--plots=false", "--export=false",
                f"--holdout={FLAGS.holdout}", *FLAGS.extra_flags.split()]
