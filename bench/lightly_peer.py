@@ -22,6 +22,11 @@ forward passes as lightly's examples do (keras_pcl's SimCLR and SwAV pass views 
 size together, so BatchNorm sees 2B images); torchvision's ColorJitter multiplies
 brightness where Keras' adds; augmentation per image in one DataLoader worker (the
 usual torchvision way) against keras_pcl's batched tf.data pipeline.
+
+A stopped run resumes: every epoch ends with `<out>/checkpoint.pt` (weights, momentum
+networks, queues, optimizer, random states), and the same command continues from it, repeating
+the uninterrupted run exactly (the same losses and features, checked for MoCo v2 and for SwAV
+with its queue filled before the stop).
 """
 
 import argparse
@@ -201,6 +206,7 @@ def build_method(name, cfg, channels, steps_per_epoch, total_steps, image_size=2
 
     else:
         raise SystemExit(f"unknown method {name!r}; choose one of {sorted(CONFIGS)}")
+    model.criterion = criterion  # MoCo's queue lives in the loss: a submodule, so checkpoints hold it
     return model, step
 
 
@@ -230,6 +236,14 @@ class KerasSGD:
     def zero_grad(self):
         for p in self.parameters:
             p.grad = None
+
+    def state_dict(self):
+        return {"velocity": self.velocity}
+
+    def load_state_dict(self, state):
+        with self.torch.no_grad():
+            for v, saved in zip(self.velocity, state["velocity"], strict=True):
+                v.copy_(saved)
 
 
 def learning_rate(step, total, warmup, peak):
@@ -323,6 +337,46 @@ def evaluate_in_new_process(args):
                     "--seed", str(args.seed), "--evaluate_only"], check=True)
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out, run_key, progress, model, optimizer, generator, torch):
+    """Everything the next epoch depends on, written whole (a temporary name, then a rename)."""
+    # lightly's queues are non-persistent buffers, left out of state_dict: saved by name here.
+    state = {"run": run_key, "progress": progress, "model": model.state_dict(),
+             "buffers": {name: b.clone() for name, b in model.named_buffers()},
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "numpy_rng": np.random.get_state(), "loader_rng": generator.get_state()}
+    torch.save(state, os.path.join(out, CHECKPOINT + ".tmp"))
+    os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
+
+
+def resume(out, run_key, model, optimizer, generator, torch):
+    """The progress of a stopped run in `out` (restoring its weights, optimizer and random
+    states), or a fresh start. A checkpoint of another run (method, epochs, seed, flags) is an error:
+    continuing it would mix two runs in one result."""
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(path):
+        return {"epoch": 0, "epoch_seconds": [], "loss": [], "resumed_at_epochs": []}
+    state = torch.load(path, weights_only=False)
+    if state["run"] != run_key:
+        changed = sorted(k for k in run_key if state["run"].get(k) != run_key[k])
+        raise SystemExit(f"{path} is a checkpoint of another run ({', '.join(changed)} differ: "
+                         f"{ {k: state['run'].get(k) for k in changed} }); pass another --out or delete it")
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(state["buffers"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    generator.set_state(state["loader_rng"])
+    progress = state["progress"]
+    progress["resumed_at_epochs"].append(progress["epoch"])
+    print(f"resuming {out} at epoch {progress['epoch']}", flush=True)
+    return progress
+
+
 def extract(model_backbone, images, torch, batch=512):
     model_backbone.eval()
     out = []
@@ -389,12 +443,19 @@ def main():
             return [t(x) for t in transforms]
 
     loader = torch.utils.data.DataLoader(Views(), batch_size=batch, shuffle=True, drop_last=True, num_workers=1,
-                                         persistent_workers=True,
+                                         # A new worker each epoch, seeded from `generator`: the
+                                         # generator's state at an epoch's end then fixes the next
+                                         # epoch's order and augmentations, so a resumed run repeats
+                                         # an uninterrupted one.
+                                         persistent_workers=False,
                                          generator=torch.Generator().manual_seed(args.seed))
     bf16 = cfg.get("mixed_precision") == "mixed_bfloat16"
-    epoch_seconds, history, i = [], [], 0
     os.makedirs(args.out, exist_ok=True)
-    for epoch in range(args.epochs):
+    run_key = {"method": args.method, "epochs": args.epochs, "seed": args.seed, "steps": steps,
+               "extra_flags": args.extra_flags, "loss_scale": args.loss_scale}
+    progress = resume(args.out, run_key, model, optimizer, loader.generator, torch)
+    i = progress["epoch"] * steps
+    for epoch in range(progress["epoch"], args.epochs):
         model.train()
         started, losses = time.perf_counter(), []
         for s, views in enumerate(loader):
@@ -413,9 +474,13 @@ def main():
                 optimizer.step()
             losses.append(float(loss.detach()))
             i += 1
-        epoch_seconds.append(time.perf_counter() - started)
-        history.append(float(np.mean(losses)))
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {history[-1]:.4f}, {epoch_seconds[-1]:.1f} s", flush=True)
+        progress["epoch_seconds"].append(time.perf_counter() - started)
+        progress["loss"].append(float(np.mean(losses)))
+        progress["epoch"] = epoch + 1
+        save_checkpoint(args.out, run_key, progress, model, optimizer, loader.generator, torch)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {progress['loss'][-1]:.4f}, "
+              f"{progress['epoch_seconds'][-1]:.1f} s", flush=True)
+    epoch_seconds = progress["epoch_seconds"]
     train_f, test_f = extract(model.backbone, train_images, torch), extract(model.backbone, test_images, torch)
     # np.savez adds ".npz" to a name without it, so the temporary name keeps the suffix.
     np.savez(os.path.join(args.out, "features.tmp.npz"), train=train_f, test=test_f)
@@ -423,10 +488,11 @@ def main():
     # results.json appears only with the scores: lightly_table.py skips a run that has it.
     write_atomically(os.path.join(args.out, "training.json"), json.dumps({
         "library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,
-        "epoch_seconds": epoch_seconds, "loss": history, "train_seconds": round(sum(epoch_seconds), 1),
-        "loss_scale": args.loss_scale,
+        "epoch_seconds": epoch_seconds, "loss": progress["loss"], "train_seconds": round(sum(epoch_seconds), 1),
+        "loss_scale": args.loss_scale, "resumed_at_epochs": progress["resumed_at_epochs"],
         "config": cfg, "versions": {"torch": torch.__version__, "lightly": __import__("lightly").__version__}},
         indent=2))
+    os.remove(os.path.join(args.out, CHECKPOINT))  # training.json now marks the run trained
     del loader  # its worker ends before TensorFlow starts in the evaluation process
     evaluate_in_new_process(args)
 
