@@ -22,11 +22,20 @@ def run_once(out, command, label, train=True):
     return out
 
 
-def write_atomically(path, text):
-    """Writes to a temporary name, then renames: a stopped run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def write_atomically(path, content):
+    """Writes `content` to a temporary name, then renames: a stopped run never leaves half a file.
+
+    `content` is text, or a function that writes the file at the path it is given (torch.save,
+    np.savez). The temporary name keeps the suffix, which np.savez would otherwise append.
+    """
+    root, suffix = os.path.splitext(path)
+    temporary = f"{root}.tmp{suffix}"
+    if callable(content):
+        content(temporary)
+    else:
+        with open(temporary, "w") as f:
+            f.write(content)
+    os.replace(temporary, path)
 
 
 def flag_values(lines):

@@ -15,9 +15,11 @@ LARS where the flagfile says LARS) and method hyperparameters. Then it saves the
 frozen features of the train and test images and scores them with keras_pcl.evaluation
 (kNN k=200 T=0.1, linear probe, low-shot SVM, AMI): only the training differs.
 
-Where the two sides still differ (torchvision cannot match every Keras layer): each
-library's own loss scaling (lightly's BYOL example averages the two -cos terms,
-keras_pcl sums the paper's 2 - 2cos: 4x the gradient at one learning rate); per-view
+The losses are scaled to keras_pcl's gradient (`--loss_scale`, default per method:
+lightly's BYOL averages its two -cos terms where keras_pcl sums the paper's two 2 - 2cos,
+a quarter of the gradient at the flagfile's one learning rate, so BYOL's loss is multiplied
+by 4; the other methods' losses already match). Where the two sides still differ
+(torchvision cannot match every Keras layer): per-view
 forward passes as lightly's examples do (keras_pcl's SimCLR and SwAV pass views of one
 size together, so BatchNorm sees 2B images); torchvision's ColorJitter multiplies
 brightness where Keras' adds; augmentation per image in one DataLoader worker (the
@@ -44,6 +46,8 @@ from bench_runs import read_flagfile, write_atomically  # noqa: E402
 CONFIGS = {"moco_v2": "moco_v2_fashion_mnist.cfg", "simclr": "simclr_fashion_mnist.cfg",
            "byol": "byol_fashion_mnist.cfg", "simsiam": "simsiam_fashion_mnist.cfg",
            "swav": "swav_fashion_mnist.cfg"}
+# lightly's loss times this has keras_pcl's gradient at one learning rate (BYOL: see above).
+EQUAL_GRADIENT_SCALE = {"byol": 4.0}
 
 
 def method_config(method, extra=()):
@@ -347,8 +351,7 @@ def save_checkpoint(out, run_key, progress, model, optimizer, generator, torch):
              "buffers": {name: b.clone() for name, b in model.named_buffers()},
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "numpy_rng": np.random.get_state(), "loader_rng": generator.get_state()}
-    torch.save(state, os.path.join(out, CHECKPOINT + ".tmp"))
-    os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
+    write_atomically(os.path.join(out, CHECKPOINT), lambda path: torch.save(state, path))
 
 
 def resume(out, run_key, model, optimizer, generator, torch):
@@ -396,11 +399,16 @@ def main():
     parser.add_argument("--steps_per_epoch", type=int, default=0, help="cap, for smoke runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra_flags", default="", help="overrides of the flagfile, as for run.py")
-    parser.add_argument("--loss_scale", type=float, default=1.0,
-                        help="multiplies lightly's loss before the backward pass (a probe: 4 gives BYOL the "
-                             "gradient of keras_pcl's summed 2 - 2cos at one learning rate); 1 = lightly's own")
+    parser.add_argument("--loss_scale", type=float, default=None,
+                        help="multiplies lightly's loss before the backward pass; default: keras_pcl's gradient "
+                             "(4 for BYOL, whose summed 2 - 2cos is 4x lightly's mean -cos; else 1); "
+                             "1 = lightly's own convention")
     parser.add_argument("--evaluate_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loss_scale is None:
+        args.loss_scale = EQUAL_GRADIENT_SCALE.get(args.method, 1.0)
+    if not args.loss_scale > 0:
+        parser.error(f"--loss_scale must be positive, got {args.loss_scale}")
     if args.evaluate_only:
         return evaluate(args.out, args.seed)
     if os.path.exists(os.path.join(args.out, "training.json")):  # trained, stopped before its scores
@@ -482,9 +490,7 @@ def main():
               f"{progress['epoch_seconds'][-1]:.1f} s", flush=True)
     epoch_seconds = progress["epoch_seconds"]
     train_f, test_f = extract(model.backbone, train_images, torch), extract(model.backbone, test_images, torch)
-    # np.savez adds ".npz" to a name without it, so the temporary name keeps the suffix.
-    np.savez(os.path.join(args.out, "features.tmp.npz"), train=train_f, test=test_f)
-    os.replace(os.path.join(args.out, "features.tmp.npz"), os.path.join(args.out, "features.npz"))
+    write_atomically(os.path.join(args.out, "features.npz"), lambda path: np.savez(path, train=train_f, test=test_f))
     # results.json appears only with the scores: lightly_table.py skips a run that has it.
     write_atomically(os.path.join(args.out, "training.json"), json.dumps({
         "library": "lightly", "method": args.method, "epochs": args.epochs, "seed": args.seed,

@@ -6,7 +6,8 @@
 For each method, the same flagfile (experiments/configs/<method>_fashion_mnist.cfg) trained
 `--epochs` epochs twice: by keras_pcl (`experiments/run.py`) and by lightly
 (`bench/lightly_peer.py`: lightly's heads, losses, momentum and LARS on a PyTorch copy of
-the small ResNet, the same batch, schedule, optimizer and method hyperparameters); both
+the small ResNet, the same batch, schedule, optimizer and method hyperparameters, its
+loss scaled to keras_pcl's gradient where the conventions differ: BYOL's); both
 encoders' frozen features are scored by keras_pcl.evaluation (kNN k=200 T=0.1, linear
 probe, low-shot SVM, AMI). A pair within 1 kNN point gets a second seed (`--seeds`).
 Runs whose results.json exists are skipped, so the script can be stopped and re-run.
