@@ -1,4 +1,4 @@
-"""Augmentations: the two layers Keras core lacks, and each method's presets.
+"""Augmentations: the layers Keras core lacks (or gets wrong for these recipes), and each method's presets.
 
 All layers take batches of float images in `[0, 1]`, shape `[B, H, W, C]`,
 and run inside `tf.data` (the TF backend) or in a model.
@@ -134,6 +134,102 @@ class RandomApply(keras.layers.Layer):
         return config
 
 
+def gaussian_blur(images, sigma, kernel_size):
+    """Blurs each image by an isotropic Gaussian of its own standard deviation.
+
+    A separable `kernel_size` x `kernel_size` kernel, normalised to sum 1, with
+    reflect padding (as torchvision's and PIL's blurs pad), so images in `[0, 1]`
+    stay in `[0, 1]`.
+
+    Args:
+        images: `[B, H, W, C]` floats; `H` and `W` larger than `kernel_size // 2`.
+        sigma: `[B]` standard deviations in pixels, > 0.
+        kernel_size: odd side of the kernel.
+
+    Returns:
+        `[B, H, W, C]` float32.
+    """
+    x = tf.cast(images, tf.float32)
+    half = kernel_size // 2
+    if half == 0:
+        return x
+    offsets = tf.range(-half, half + 1, dtype=tf.float32)
+    sigma = tf.reshape(tf.cast(sigma, tf.float32), [-1, 1])
+    weights = tf.nn.softmax(-tf.square(offsets)[None, :] / (2.0 * tf.square(sigma)), axis=1)  # [B, k], rows sum 1
+    weights = weights[:, :, None, None, None]
+    height, width = tf.shape(x)[1], tf.shape(x)[2]
+    padded = tf.pad(x, [[0, 0], [half, half], [0, 0], [0, 0]], mode="REFLECT")
+    x = tf.add_n([weights[:, i] * padded[:, i:i + height] for i in range(kernel_size)])
+    padded = tf.pad(x, [[0, 0], [0, 0], [half, half], [0, 0]], mode="REFLECT")
+    return tf.add_n([weights[:, i] * padded[:, :, i:i + width] for i in range(kernel_size)])
+
+
+@_register
+class RandomGaussianBlur(keras.layers.Layer):
+    """Blurs each image of a batch with probability `rate`, by a Gaussian of its own sigma.
+
+    The blur of the MoCo v2, SimCLR, BYOL and SwAV recipes: each image, with
+    probability `rate`, is blurred by an isotropic Gaussian whose standard
+    deviation is drawn uniformly from `sigma` for that image
+    (`gaussian_blur`). Keras' `RandomGaussianBlur` is not this: at
+    `factor=1.0` it blurs each image with probability 1/2 (`factor` is the
+    range a per-image probability is drawn from), and it draws one
+    `(sigma_x, sigma_y)` pair for the whole batch.
+
+    Args:
+        kernel_size: odd side of the kernel in pixels, >= 1 (the recipes use
+            about a tenth of the image side: `blur_kernel_size`).
+        sigma: `(min, max)` standard deviation in pixels, `0 < min <= max`.
+        rate: probability in `[0, 1]` that an image is blurred.
+        seed: optional int.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+    >>> blur = RandomGaussianBlur(3, sigma=(0.1, 2.0), rate=0.5)
+    >>> blur(tf.random.uniform([4, 28, 28, 1])).shape
+    TensorShape([4, 28, 28, 1])
+
+    Reference: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for
+    Contrastive Learning of Visual Representations", ICML 2020 (appendix A).
+    """
+
+    def __init__(self, kernel_size, sigma=(0.1, 2.0), rate=0.5, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(kernel_size, bool) or not float(kernel_size).is_integer() or kernel_size < 1 \
+                or kernel_size % 2 == 0:
+            raise InvalidInputError(f"kernel_size must be an odd integer >= 1, got {kernel_size}.")
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            raise InvalidInputError(f"sigma must be (min, max) with 0 < min <= max, got {sigma}.")
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
+        self.kernel_size, self.sigma = int(kernel_size), (float(sigma[0]), float(sigma[1]))
+        self.rate, self.seed = float(rate), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        images = tf.convert_to_tensor(images)
+        if not training or self.rate == 0.0:
+            return images
+        half = self.kernel_size // 2
+        if any(side is not None and side <= half for side in images.shape[1:3]):
+            raise InvalidInputError(f"images of {images.shape[1]}x{images.shape[2]} px are too small for a "
+                                    f"{self.kernel_size} px blur kernel; use a kernel_size below twice the side.")
+        batch = tf.shape(images)[0]
+        sigma = keras.random.uniform([batch], self.sigma[0], self.sigma[1], seed=self.generator)
+        blurred = gaussian_blur(images, sigma, self.kernel_size)
+        keep = keras.random.uniform([batch], seed=self.generator) < self.rate
+        return tf.cast(tf.where(tf.reshape(keep, [-1, 1, 1, 1]), blurred, tf.cast(images, tf.float32)),
+                       self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(kernel_size=self.kernel_size, sigma=self.sigma, rate=self.rate, seed=self.seed)
+        return config
+
+
 def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate):
     """Colour jitter (and grayscale) for RGB; brightness/contrast only for 1 channel."""
     if channels == 3:
@@ -151,7 +247,7 @@ def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, 
     return layers
 
 
-def _blur_kernel(image_size):
+def blur_kernel_size(image_size):
     """About 10% of the image side, odd, at least 3 (the reference's 23 px at 224)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
@@ -178,11 +274,10 @@ def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0)):
 def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0)):
     """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
-    blur = _blur(image_size)
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
-        + [RandomApply(blur, 0.5), keras.layers.RandomFlip("horizontal")],
+        + [_blur(image_size, 0.5), keras.layers.RandomFlip("horizontal")],
         name="pcl_v2_augment",
     )
 
@@ -194,7 +289,7 @@ def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), blur=True):
     stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
              + _color_layers(channels, 0.8, 0.8, 0.8, 0.2, jitter_rate=0.8, grayscale_rate=0.2))
     if blur:
-        stack.append(RandomApply(_blur(image_size), 0.5))
+        stack.append(_blur(image_size, 0.5))
     return keras.layers.Pipeline(stack, name="simclr_augment")
 
 
@@ -210,7 +305,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
     def view(blur_rate, solarize_rate, name):
         stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
                  + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
-                 + [RandomApply(_blur(image_size), blur_rate)])
+                 + [_blur(image_size, blur_rate)])
         if solarize_rate:
             solarize = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
             stack.append(RandomApply(solarize, solarize_rate))
@@ -265,9 +360,8 @@ def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnit
     return [query, pcl_v2(image_size, channels, crop_scale)]
 
 
-def _blur(image_size):
-    return keras.layers.RandomGaussianBlur(
-        factor=1.0, kernel_size=_blur_kernel(image_size), sigma=(0.1, 2.0), value_range=(0, 1))
+def _blur(image_size, rate):
+    return RandomGaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0), rate=rate)
 
 
 PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr,

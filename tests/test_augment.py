@@ -1,4 +1,4 @@
-"""RandomResizedCrop, RandomApply and the presets."""
+"""RandomResizedCrop, RandomApply, RandomGaussianBlur and the presets."""
 
 import keras
 import numpy as np
@@ -86,3 +86,83 @@ def test_layers_round_trip_config():
     apply = augment.RandomApply(keras.layers.RandomFlip("horizontal"), 0.4)
     clone = augment.RandomApply.from_config(apply.get_config())
     assert clone.rate == 0.4 and isinstance(clone.layer, keras.layers.RandomFlip)
+
+
+def numpy_gaussian_blur(images, sigmas, kernel_size):
+    """The slow, obvious blur: per image, a 2-D Gaussian kernel summed over reflect-padded pixels."""
+    half = kernel_size // 2
+    out = np.zeros(images.shape, np.float64)
+    for n, (image, sigma) in enumerate(zip(images.astype(np.float64), sigmas)):
+        offsets = np.arange(-half, half + 1)
+        kernel = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2.0 * sigma ** 2))
+        kernel /= kernel.sum()
+        padded = np.pad(image, [(half, half), (half, half), (0, 0)], mode="reflect")
+        for y in range(image.shape[0]):
+            for x in range(image.shape[1]):
+                window = padded[y:y + kernel_size, x:x + kernel_size]
+                out[n, y, x] = np.einsum("ab,abc->c", kernel, window)
+    return out
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_gaussian_blur_matches_numpy(rng, kernel_size):
+    images = rng.uniform(size=(5, 9, 7, 3)).astype(np.float32)
+    # One sigma per image, from nearly no blur through a near box filter.
+    sigmas = np.array([1e-3, 0.1, 0.7, 2.0, 1e3], np.float32)
+    got = augment.gaussian_blur(images, sigmas, kernel_size).numpy()
+    np.testing.assert_allclose(got, numpy_gaussian_blur(images, sigmas, kernel_size), atol=1e-5)
+    assert got.min() >= 0.0 and got.max() <= 1.0 + 1e-6
+
+
+def test_blur_rate_is_the_probability_an_image_is_blurred():
+    images = np.tile(np.eye(8, dtype=np.float32)[None, :, :, None], (2000, 1, 1, 1))
+    blurred = lambda out: np.abs(out - images).reshape(len(images), -1).max(axis=1) > 1e-3  # noqa: E731
+    for rate, low, high in [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.5, 0.45, 0.55), (0.1, 0.07, 0.13)]:
+        layer = augment.RandomGaussianBlur(3, sigma=(0.5, 2.0), rate=rate, seed=1)
+        fraction = blurred(layer(images).numpy()).mean()
+        assert low <= fraction <= high, (rate, fraction)
+    assert np.array_equal(augment.RandomGaussianBlur(3, rate=1.0)(images, training=False), images)
+
+
+def test_blur_draws_a_sigma_per_image():
+    images = np.tile(np.eye(8, dtype=np.float32)[None, :, :, None], (64, 1, 1, 1))
+    out = augment.RandomGaussianBlur(3, sigma=(0.5, 2.0), rate=1.0, seed=0)(images).numpy()
+    centres = out[:, 4, 4, 0]  # one value per sigma (one sigma for the whole batch: one value)
+    assert len(np.unique(centres)) > len(images) // 2
+    # Each image is the reference blur of one sigma in the range: its centre pins that sigma down.
+    for image, centre in zip(out[:4], centres[:4]):
+        grid = np.linspace(0.5, 2.0, 3001)
+        weights = np.exp(-1.0 / (2 * grid ** 2))
+        sigma = grid[np.argmin(np.abs((1 / (1 + 2 * weights)) ** 2 * (1 + 2 * weights ** 2) - centre))]
+        np.testing.assert_allclose(image, numpy_gaussian_blur(images[:1], [sigma], 3)[0], atol=2e-3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=4), dict(kernel_size=0), dict(kernel_size=3, sigma=(0.0, 1.0)),
+                                    dict(kernel_size=3, sigma=(2.0, 1.0)), dict(kernel_size=3, rate=1.5)])
+def test_blur_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="kernel_size|sigma|rate"):
+        augment.RandomGaussianBlur(**kwargs)
+
+
+def test_blur_kernel_larger_than_the_image_says_so():
+    with pytest.raises(ValueError, match="too small"):
+        augment.RandomGaussianBlur(9, rate=1.0)(np.zeros((2, 4, 4, 1), np.float32))
+
+
+def test_presets_blur_at_their_documented_rates():
+    def blur_rates(pipeline):
+        return [layer.rate for layer in pipeline.layers if isinstance(layer, augment.RandomGaussianBlur)]
+
+    assert blur_rates(augment.pcl_v2(28, 1)) == [0.5]
+    assert blur_rates(augment.simclr(28, 3)) == [0.5]
+    assert blur_rates(augment.simclr(28, 3, blur=False)) == []
+    assert blur_rates(augment.pcl_v1(28, 3)) == []
+    view1, view2 = augment.byol_views(28, 1)
+    assert (blur_rates(view1), blur_rates(view2)) == ([1.0], [0.1])
+    assert augment.blur_kernel_size(28) == 3 and augment.blur_kernel_size(224) == 23
+
+
+def test_blur_round_trips_config():
+    blur = augment.RandomGaussianBlur(5, sigma=(0.2, 1.5), rate=0.3, seed=4)
+    clone = augment.RandomGaussianBlur.from_config(blur.get_config())
+    assert (clone.kernel_size, clone.sigma, clone.rate, clone.seed) == (5, (0.2, 1.5), 0.3, 4)
