@@ -22,7 +22,8 @@ by 4; the other methods' losses already match). Where the two sides still differ
 (torchvision cannot match every Keras layer): per-view
 forward passes as lightly's examples do (keras_pcl's SimCLR and SwAV pass views of one
 size together, so BatchNorm sees 2B images); torchvision's ColorJitter multiplies
-brightness where Keras' adds; augmentation per image in one DataLoader worker (the
+brightness where keras_pcl's presets add (the SimCLR and BYOL papers' form) and applies its
+four operations in a random order where keras_pcl keeps one; augmentation per image in one DataLoader worker (the
 usual torchvision way) against keras_pcl's batched tf.data pipeline.
 
 A stopped run resumes: every epoch ends with `<out>/checkpoint.pt` (weights, momentum

@@ -1,4 +1,4 @@
-"""Augmentations: the layers Keras core lacks (or gets wrong for these recipes), and each method's presets.
+"""Augmentations: the layers Keras core lacks (or reads differently from these recipes), and each method's presets.
 
 All layers take batches of float images in `[0, 1]`, shape `[B, H, W, C]`,
 and run inside `tf.data` (the TF backend) or in a model.
@@ -98,7 +98,7 @@ class RandomApply(keras.layers.Layer):
         seed: optional int.
 
     Example:
-    >>> jitter = keras.layers.RandomColorJitter(value_range=(0, 1), brightness_factor=0.4)
+    >>> jitter = RandomColorJitter(brightness=0.4)
     >>> RandomApply(jitter, rate=0.8)(tf.random.uniform([4, 8, 8, 3])).shape
     TensorShape([4, 8, 8, 3])
     """
@@ -230,17 +230,129 @@ class RandomGaussianBlur(keras.layers.Layer):
         return config
 
 
+def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=None, brightness_mode="add"):
+    """Colour jitter with per-image factors, in the order brightness, contrast, saturation, hue.
+
+    torchvision's operations (`ColorJitter`): contrast blends each image with the
+    mean of its grayscale, saturation with its grayscale, hue shifts the hue
+    circle; brightness adds an offset (`brightness_mode="add"`, as the SimCLR
+    and BYOL papers) or scales (`"multiply"`, as torchvision). Each operation
+    clips to `[0, 1]`; a factor left None skips its operation. Saturation and
+    hue need 3 channels.
+
+    Args:
+        images: `[B, H, W, C]` floats in `[0, 1]`.
+        brightness, contrast, saturation, hue: `[B]` factors (hue: a shift in
+            turns of the hue circle), or None.
+        brightness_mode: `"add"` or `"multiply"`.
+
+    Returns:
+        `[B, H, W, C]` float32.
+    """
+    x = tf.cast(images, tf.float32)
+
+    def per_image(factor):
+        return tf.reshape(tf.cast(factor, tf.float32), [-1, 1, 1, 1])
+
+    def grayscale(x):
+        if x.shape[-1] == 1:
+            return x
+        return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+    def blend(x, other, factor):
+        return tf.clip_by_value(per_image(factor) * x + (1.0 - per_image(factor)) * other, 0.0, 1.0)
+
+    if brightness is not None:
+        x = tf.clip_by_value(x + per_image(brightness) if brightness_mode == "add" else x * per_image(brightness),
+                             0.0, 1.0)
+    if contrast is not None:
+        x = blend(x, tf.reduce_mean(grayscale(x), axis=[1, 2, 3], keepdims=True), contrast)
+    if saturation is not None:
+        x = blend(x, grayscale(x), saturation)
+    if hue is not None:
+        hsv = tf.image.rgb_to_hsv(x)
+        shifted = tf.math.floormod(hsv[..., :1] + per_image(hue), 1.0)
+        x = tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([shifted, hsv[..., 1:]], axis=-1)), 0.0, 1.0)
+    return x
+
+
+@_register
+class RandomColorJitter(keras.layers.Layer):
+    """Colour jitter with torchvision's ranges: each image draws its own factors.
+
+    Brightness `b`: an offset from `U(-b, b)` (`brightness_mode="add"`, the
+    SimCLR and BYOL papers' form) or a factor from `U(max(0, 1 - b), 1 + b)`
+    (`"multiply"`, torchvision's). Contrast and saturation `c`: factors from
+    `U(max(0, 1 - c), 1 + c)`. Hue `h` in `[0, 0.5]`: a shift from `U(-h, h)`.
+    Applied in that order by `color_jitter`. Grayscale images (1 channel) take
+    brightness and contrast only. Keras' `RandomColorJitter` reads the same
+    numbers otherwise: its saturation factor 0.4 draws multipliers from
+    `[0, 0.67]` (never more saturated, sometimes gray) and its hue factor 0.1
+    shifts by at most 0.05.
+
+    Args:
+        brightness, contrast, saturation: strengths >= 0 (0 skips the operation).
+        hue: strength in `[0, 0.5]`.
+        brightness_mode: `"add"` or `"multiply"`.
+        seed: optional int.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+    >>> jitter = RandomColorJitter(0.4, 0.4, 0.4, 0.1)
+    >>> jitter(tf.random.uniform([4, 8, 8, 3])).shape
+    TensorShape([4, 8, 8, 3])
+
+    Reference: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for
+    Contrastive Learning of Visual Representations", ICML 2020 (appendix A).
+    """
+
+    MODES = ("add", "multiply")
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, brightness_mode="add", seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if not value >= 0:
+                raise InvalidInputError(f"{name} must be >= 0, got {value}.")
+        if not 0 <= hue <= 0.5:
+            raise InvalidInputError(f"hue must be in [0, 0.5], got {hue}.")
+        if brightness_mode not in self.MODES:
+            raise InvalidInputError(f"brightness_mode must be one of {self.MODES}, got {brightness_mode!r}.")
+        self.brightness, self.contrast = float(brightness), float(contrast)
+        self.saturation, self.hue = float(saturation), float(hue)
+        self.brightness_mode, self.seed = brightness_mode, seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def _factor(self, batch, strength):
+        if not strength:
+            return None
+        return keras.random.uniform([batch], max(0.0, 1.0 - strength), 1.0 + strength, seed=self.generator)
+
+    def call(self, images, training=True):
+        images = tf.convert_to_tensor(images)
+        if not training:
+            return images
+        batch, rgb = tf.shape(images)[0], images.shape[-1] == 3
+        brightness = (keras.random.uniform([batch], -self.brightness, self.brightness, seed=self.generator)
+                      if self.brightness and self.brightness_mode == "add" else self._factor(batch, self.brightness))
+        hue = keras.random.uniform([batch], -self.hue, self.hue, seed=self.generator) if self.hue and rgb else None
+        jittered = color_jitter(images, brightness, self._factor(batch, self.contrast),
+                                self._factor(batch, self.saturation) if rgb else None, hue, self.brightness_mode)
+        return tf.cast(jittered, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(brightness=self.brightness, contrast=self.contrast, saturation=self.saturation, hue=self.hue,
+                      brightness_mode=self.brightness_mode, seed=self.seed)
+        return config
+
+
 def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate):
     """Colour jitter (and grayscale) for RGB; brightness/contrast only for 1 channel."""
-    if channels == 3:
-        jitter = keras.layers.RandomColorJitter(
-            value_range=(0, 1), brightness_factor=brightness, contrast_factor=contrast,
-            saturation_factor=saturation, hue_factor=hue,
-        )
-    else:
-        jitter = keras.layers.RandomColorJitter(
-            value_range=(0, 1), brightness_factor=brightness, contrast_factor=contrast
-        )
+    jitter = RandomColorJitter(brightness, contrast, saturation, hue)
     layers = [RandomApply(jitter, jitter_rate) if jitter_rate < 1 else jitter]
     if channels == 3 and grayscale_rate > 0:
         layers.append(keras.layers.RandomGrayscale(factor=grayscale_rate))

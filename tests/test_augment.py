@@ -1,4 +1,6 @@
-"""RandomResizedCrop, RandomApply, RandomGaussianBlur and the presets."""
+"""RandomResizedCrop, RandomApply, RandomGaussianBlur, RandomColorJitter and the presets."""
+
+import colorsys
 
 import keras
 import numpy as np
@@ -166,3 +168,72 @@ def test_blur_round_trips_config():
     blur = augment.RandomGaussianBlur(5, sigma=(0.2, 1.5), rate=0.3, seed=4)
     clone = augment.RandomGaussianBlur.from_config(blur.get_config())
     assert (clone.kernel_size, clone.sigma, clone.rate, clone.seed) == (5, (0.2, 1.5), 0.3, 4)
+
+
+def numpy_color_jitter(images, brightness, contrast, saturation, hue, mode):
+    """torchvision's four operations, one image and one pixel at a time, clipping after each."""
+    out = images.astype(np.float64).copy()
+    for n, image in enumerate(out):
+        gray = (lambda im: im @ np.array([0.299, 0.587, 0.114]) if im.shape[-1] == 3 else im[..., 0])
+        image[:] = np.clip(image + brightness[n] if mode == "add" else image * brightness[n], 0, 1)
+        image[:] = np.clip(contrast[n] * image + (1 - contrast[n]) * gray(image).mean(), 0, 1)
+        if image.shape[-1] == 3:
+            image[:] = np.clip(saturation[n] * image + (1 - saturation[n]) * gray(image)[..., None], 0, 1)
+            for y in range(image.shape[0]):
+                for x in range(image.shape[1]):
+                    h, s, v = colorsys.rgb_to_hsv(*image[y, x])
+                    image[y, x] = colorsys.hsv_to_rgb((h + hue[n]) % 1.0, s, v)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["add", "multiply"])
+def test_color_jitter_matches_numpy(rng, channels, mode):
+    images = rng.uniform(size=(6, 5, 4, channels)).astype(np.float32)
+    # Extremes included: contrast 0 (the grey mean), saturation 0 (grayscale), hue half a turn.
+    brightness = np.array([-0.8, 0.0, 0.3, 0.9, 0.5, 0.1]) if mode == "add" else np.array([0.0, 1.0, 1.8, 0.2, 1.4, 0.6])
+    contrast = np.array([0.0, 1.0, 1.8, 0.6, 1.4, 0.9])
+    saturation = np.array([1.0, 0.0, 1.8, 0.6, 1.4, 1.1])
+    hue = np.array([0.0, 0.5, -0.5, 0.1, -0.2, 0.05])
+    got = augment.color_jitter(images, brightness, contrast, saturation if channels == 3 else None,
+                               hue if channels == 3 else None, brightness_mode=mode).numpy()
+    np.testing.assert_allclose(got, numpy_color_jitter(images, brightness, contrast, saturation, hue, mode), atol=2e-5)
+
+
+def test_color_jitter_draws_torchvision_ranges():
+    """Saturation factors fill [1 - s, 1 + s] (Keras' layer at 0.4 never exceeds 0.67), hue shifts [-h, h]."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.45, 0.55, size=(4000, 1, 1, 1)).astype(np.float32)
+    images = np.concatenate([base + 0.05, base, base - 0.05], axis=-1)  # hue 0: a red-ish grey
+    gray = images @ np.float32([0.299, 0.587, 0.114])
+    out = augment.RandomColorJitter(saturation=0.4, seed=0)(images).numpy()
+    factors = ((out - gray[..., None]) / (images - gray[..., None]))[:, 0, 0, 0]
+    assert 0.6 <= factors.min() < 0.62 and 1.38 < factors.max() <= 1.4 and abs(factors.mean() - 1.0) < 0.02
+    out = augment.RandomColorJitter(hue=0.1, seed=0)(images).numpy()
+    shift = np.array([colorsys.rgb_to_hsv(*o[0, 0])[0] - colorsys.rgb_to_hsv(*i[0, 0])[0]
+                      for o, i in zip(out, images)])
+    shift = (shift + 0.5) % 1.0 - 0.5
+    assert -0.1 <= shift.min() < -0.095 and 0.095 < shift.max() <= 0.1
+    out = augment.RandomColorJitter(brightness=0.4, seed=0)(images[..., :1]).numpy()
+    offsets = (out - images[..., :1])[:, 0, 0, 0]
+    assert -0.4 <= offsets.min() < -0.39 and 0.39 < offsets.max() <= 0.4
+
+
+def test_color_jitter_on_grayscale_skips_saturation_and_hue(rng):
+    images = rng.uniform(size=(4, 6, 6, 1)).astype(np.float32)
+    assert np.array_equal(augment.RandomColorJitter(saturation=0.8, hue=0.3)(images).numpy(), images)
+    assert np.array_equal(augment.RandomColorJitter(0.4, 0.4)(images, training=False).numpy(), images)
+
+
+@pytest.mark.parametrize("kwargs", [dict(brightness=-0.1), dict(contrast=-1.0), dict(hue=0.6),
+                                    dict(brightness_mode="scale")])
+def test_color_jitter_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="brightness|contrast|hue"):
+        augment.RandomColorJitter(**kwargs)
+
+
+def test_color_jitter_round_trips_config():
+    jitter = augment.RandomColorJitter(0.4, 0.3, 0.2, 0.1, brightness_mode="multiply", seed=2)
+    clone = augment.RandomColorJitter.from_config(jitter.get_config())
+    assert (clone.brightness, clone.contrast, clone.saturation, clone.hue, clone.brightness_mode, clone.seed) == (
+        0.4, 0.3, 0.2, 0.1, "multiply", 2)
