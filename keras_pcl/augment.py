@@ -255,8 +255,8 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
         return tf.reshape(tf.cast(factor, tf.float32), [-1, 1, 1, 1])
 
     def grayscale(x):
-        if x.shape[-1] == 1:
-            return x
+        if x.shape[-1] != 3:  # one channel is its own grey; other counts have no luma weights
+            return tf.reduce_mean(x, axis=-1, keepdims=True)
         return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
     def blend(x, other, factor):

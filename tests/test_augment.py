@@ -225,6 +225,14 @@ def test_color_jitter_on_grayscale_skips_saturation_and_hue(rng):
     assert np.array_equal(augment.RandomColorJitter(0.4, 0.4)(images, training=False).numpy(), images)
 
 
+def test_contrast_of_other_channel_counts_blends_with_the_channel_mean(rng):
+    images = rng.uniform(size=(3, 4, 4, 2)).astype(np.float32)
+    factor = np.array([0.0, 0.5, 1.5], np.float32)
+    expected = np.clip(factor[:, None, None, None] * images
+                       + (1 - factor[:, None, None, None]) * images.mean(axis=(1, 2, 3), keepdims=True), 0, 1)
+    np.testing.assert_allclose(augment.color_jitter(images, contrast=factor).numpy(), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [dict(brightness=-0.1), dict(contrast=-1.0), dict(hue=0.6),
                                     dict(brightness_mode="scale")])
 def test_color_jitter_rejects_bad_arguments(kwargs):
