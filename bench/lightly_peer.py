@@ -11,7 +11,10 @@ index modulo the splits where keras_pcl takes contiguous sub-batches), keras_pcl
 initialisers), the flagfile's batch, epochs,
 learning-rate schedule (linear warm-up then cosine, per step), optimizer (Keras SGD's
 update, reproduced: decoupled weight decay, the rate inside the velocity; lightly's
-LARS where the flagfile says LARS) and method hyperparameters. Then it saves the
+LARS where the flagfile says LARS, set up as lightly's benchmarks do and as keras_pcl's LARS
+behaves: BatchNorm parameters and biases without weight decay or trust ratio) and method
+hyperparameters. SwAV's prototype scores, Sinkhorn and loss run in float32 under bf16
+autocast, as keras_pcl keeps its prototypes in float32. Then it saves the
 frozen features of the train and test images and scores them with keras_pcl.evaluation
 (kNN k=200 T=0.1, linear probe, low-shot SVM, AMI): only the training differs.
 
@@ -21,7 +24,10 @@ a quarter of the gradient at the flagfile's one learning rate, so BYOL's loss is
 by 4; the other methods' losses already match). Where the two sides still differ
 (torchvision cannot match every Keras layer): per-view
 forward passes as lightly's examples do (keras_pcl's SimCLR and SwAV pass views of one
-size together, so BatchNorm sees 2B images); torchvision's ColorJitter multiplies
+size together, so BatchNorm sees 2B images, and 6B for SwAV's six small crops); lightly's
+heads keep PyTorch's default initialisation (keras_pcl's Dense layers: Glorot uniform), and
+its SwAV prototypes have a bias (keras_pcl's and the paper's do not; Sinkhorn's equal
+partition cancels it in the codes, not in the predictions); torchvision's ColorJitter multiplies
 brightness where keras_pcl's presets add (the SimCLR and BYOL papers' form) and applies its
 four operations in a random order where keras_pcl keeps one; augmentation per image in one DataLoader worker (the
 usual torchvision way) against keras_pcl's batched tf.data pipeline.
@@ -198,6 +204,10 @@ def build_method(name, cfg, channels, steps_per_epoch, total_steps, image_size=2
         def step(views, i):
             model.prototypes.normalize()
             embeddings = [F.normalize(model.head(model.backbone(v)), dim=1) for v in views]
+            with torch.autocast("cpu", enabled=False):  # float32 from here on, as keras_pcl's prototypes
+                return swapped_prediction([z.float() for z in embeddings], i)
+
+        def swapped_prediction(embeddings, i):
             scores = [model.prototypes(z, i) for z in embeddings]
             queue_scores = None
             if model.queues is not None and i // steps_per_epoch >= queue_start:
@@ -205,7 +215,7 @@ def build_method(name, cfg, channels, steps_per_epoch, total_steps, image_size=2
                 for queue, z in zip(model.queues, embeddings[:2]):
                     _, bank = queue(z.detach(), update=True)  # [out, size], the bank before this batch
                     queued.append(bank.T)
-                if i - queue_start * steps_per_epoch >= math.ceil(queue_size / len(views[0])):  # full
+                if i - queue_start * steps_per_epoch >= math.ceil(queue_size / len(embeddings[0])):  # full
                     queue_scores = [model.prototypes(q, i) for q in queued]
             return criterion(scores[:2], scores[2:], queue_scores)
 
@@ -433,10 +443,16 @@ def main():
     warmup = int(cfg.get("lr_warmup_epochs", 0)) * steps
     parameters = [p for p in model.parameters() if p.requires_grad]
     if cfg.get("optimizer", "sgd") == "lars":
+        from lightly.models.utils import get_weight_decay_parameters
         from lightly.utils.lars import LARS
 
-        optimizer = LARS(parameters, lr=peak, momentum=float(cfg.get("sgd_momentum", 0.9)),
-                         weight_decay=float(cfg["weight_decay"]))
+        # As lightly's benchmarks set LARS up (and keras_pcl's LARS): BatchNorm and biases in a
+        # group without weight decay, which lightly's LARS also leaves out of the trust ratio.
+        decay, no_decay = get_weight_decay_parameters([model])
+        trainable = {id(p) for p in parameters}
+        optimizer = LARS([{"params": [p for p in decay if id(p) in trainable]},
+                          {"params": [p for p in no_decay if id(p) in trainable], "weight_decay": 0.0}],
+                         lr=peak, momentum=float(cfg.get("sgd_momentum", 0.9)), weight_decay=float(cfg["weight_decay"]))
     else:
         fixed = list(model.predictor.parameters()) if args.method == "simsiam" and cfg.get(
             "fixed_predictor_lr", "true") == "true" else []
