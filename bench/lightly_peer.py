@@ -225,6 +225,19 @@ def build_method(name, cfg, channels, steps_per_epoch, total_steps, image_size=2
     return model, step
 
 
+def lightly_lars(model, lr, momentum, weight_decay):
+    """lightly's LARS over `model`'s trainable parameters, set up as lightly's benchmarks do (and
+    as keras_pcl's LARS behaves): BatchNorm parameters and biases in a group without weight
+    decay, which lightly's LARS also leaves out of the trust ratio."""
+    from lightly.models.utils import get_weight_decay_parameters
+    from lightly.utils.lars import LARS
+
+    decay, no_decay = get_weight_decay_parameters([model])
+    return LARS([{"params": [p for p in decay if p.requires_grad]},
+                 {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0}],
+                lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 class KerasSGD:
     """Keras 3's SGD update in PyTorch: decoupled decay `w -= lr * wd * w`, then `m = mu m - lr g;
     w += m` (the rate inside the velocity). `fixed` parameters keep the peak rate (SimSiam's predictor)."""
@@ -443,16 +456,7 @@ def main():
     warmup = int(cfg.get("lr_warmup_epochs", 0)) * steps
     parameters = [p for p in model.parameters() if p.requires_grad]
     if cfg.get("optimizer", "sgd") == "lars":
-        from lightly.models.utils import get_weight_decay_parameters
-        from lightly.utils.lars import LARS
-
-        # As lightly's benchmarks set LARS up (and keras_pcl's LARS): BatchNorm and biases in a
-        # group without weight decay, which lightly's LARS also leaves out of the trust ratio.
-        decay, no_decay = get_weight_decay_parameters([model])
-        trainable = {id(p) for p in parameters}
-        optimizer = LARS([{"params": [p for p in decay if id(p) in trainable]},
-                          {"params": [p for p in no_decay if id(p) in trainable], "weight_decay": 0.0}],
-                         lr=peak, momentum=float(cfg.get("sgd_momentum", 0.9)), weight_decay=float(cfg["weight_decay"]))
+        optimizer = lightly_lars(model, peak, float(cfg.get("sgd_momentum", 0.9)), float(cfg["weight_decay"]))
     else:
         fixed = list(model.predictor.parameters()) if args.method == "simsiam" and cfg.get(
             "fixed_predictor_lr", "true") == "true" else []

@@ -168,7 +168,7 @@ def keras_method_runner(method, encoder, precision):
 def lightly_method_runner(method, encoder, precision):
     import torch
 
-    from lightly_peer import CONFIGS, KerasSGD, build_method, read_flagfile
+    from lightly_peer import CONFIGS, KerasSGD, build_method, lightly_lars, read_flagfile
 
     spec = METHOD_ENCODERS[encoder]
     cfg = read_flagfile(CONFIGS[method], [f"--encoder={encoder}", f"--width={spec['width']}"])
@@ -176,10 +176,7 @@ def lightly_method_runner(method, encoder, precision):
     model, train_step = build_method(method, cfg, spec["shape"][2], 100, 10_000, spec["shape"][0])
     parameters = [p for p in model.parameters() if p.requires_grad]
     if cfg.get("optimizer") == "lars":
-        from lightly.utils.lars import LARS
-
-        optimizer = LARS(parameters, lr=float(cfg["learning_rate"]), momentum=0.9,
-                         weight_decay=float(cfg["weight_decay"]))
+        optimizer = lightly_lars(model, float(cfg["learning_rate"]), 0.9, float(cfg["weight_decay"]))
     else:
         optimizer = KerasSGD(parameters, 0.9, float(cfg["weight_decay"]))
     shape = spec["shape"]
