@@ -230,6 +230,57 @@ class RandomGaussianBlur(keras.layers.Layer):
         return config
 
 
+@_register
+class RandomSolarize(keras.layers.Layer):
+    """Solarises each image of a batch with probability `rate`: pixels at or above `threshold` become `1 - x`.
+
+    BYOL's second view is solarised this way (threshold 0.5, rate 0.2), as in the
+    paper's code and torchvision's `RandomSolarize`. Keras' `Solarization` is not
+    this: it draws each image's threshold from `U(threshold_factor[0],
+    255 * threshold_factor[1])` on a 0-255 scale, so `threshold_factor=(0.5, 0.5)`
+    inverts every pixel above a threshold anywhere in `U(0.002, 0.5)` of the range.
+
+    Args:
+        threshold: in `[0, 1]`; pixels `>= threshold` are inverted.
+        rate: probability in `[0, 1]` that an image is solarised.
+        seed: optional int.
+        **kwargs: passed to `keras.layers.Layer`.
+
+    Example:
+    >>> solarize = RandomSolarize(threshold=0.5, rate=1.0)
+    >>> solarize(tf.constant([[[[0.2], [0.7]]]])).numpy().ravel().round(2)
+    array([0.2, 0.3], dtype=float32)
+
+    Reference: Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020 (appendix B).
+    """
+
+    def __init__(self, threshold=0.5, rate=0.2, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidInputError(f"threshold must be in [0, 1] (images are in [0, 1]), got {threshold}.")
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
+        self.threshold, self.rate, self.seed = float(threshold), float(rate), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        images = tf.convert_to_tensor(images)
+        if not training or self.rate == 0.0:
+            return images
+        x = tf.cast(images, tf.float32)
+        solarized = tf.where(x >= self.threshold, 1.0 - x, x)
+        keep = keras.random.uniform([tf.shape(images)[0]], seed=self.generator) < self.rate
+        return tf.cast(tf.where(tf.reshape(keep, [-1, 1, 1, 1]), solarized, x), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(threshold=self.threshold, rate=self.rate, seed=self.seed)
+        return config
+
+
 def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=None, brightness_mode="add"):
     """Colour jitter with per-image factors, in the order brightness, contrast, saturation, hue.
 
@@ -419,8 +470,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
                  + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
                  + [_blur(image_size, blur_rate)])
         if solarize_rate:
-            solarize = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
-            stack.append(RandomApply(solarize, solarize_rate))
+            stack.append(RandomSolarize(0.5, rate=solarize_rate))
         return keras.layers.Pipeline(stack, name=name)
 
     return [view(1.0, 0.0, "byol_view1_augment"), view(0.1, 0.2, "byol_view2_augment")]

@@ -170,6 +170,48 @@ def test_blur_round_trips_config():
     assert (clone.kernel_size, clone.sigma, clone.rate, clone.seed) == (5, (0.2, 1.5), 0.3, 4)
 
 
+def test_solarize_matches_numpy(rng):
+    images = rng.uniform(size=(6, 5, 4, 3)).astype(np.float32)
+    images[0, 0, 0] = [0.0, 0.5, 1.0]  # the edges: 0.5 itself is inverted, as torchvision's >= does
+    for threshold in [0.0, 0.3, 0.5, 1.0]:
+        got = augment.RandomSolarize(threshold, rate=1.0)(images).numpy()
+        np.testing.assert_allclose(got, np.where(images >= threshold, 1.0 - images, images), atol=1e-7)
+    assert np.array_equal(augment.RandomSolarize(0.5, rate=0.0)(images), images)
+    assert np.array_equal(augment.RandomSolarize(0.5, rate=1.0)(images, training=False), images)
+
+
+def test_solarize_rate_is_the_probability_an_image_is_solarised():
+    images = np.full((4000, 2, 2, 1), 0.75, np.float32)
+    for rate, low, high in [(0.2, 0.17, 0.23), (0.5, 0.47, 0.53)]:
+        out = augment.RandomSolarize(0.5, rate=rate, seed=3)(images).numpy()
+        assert set(np.unique(out.round(6))) <= {0.25, 0.75}
+        assert low <= (out[:, 0, 0, 0] < 0.5).mean() <= high, rate
+
+
+def test_byol_solarises_view_two_at_threshold_one_half():
+    """Keras' Solarization(threshold_factor=(0.5, 0.5)) inverts pixels above a threshold drawn from
+    U(0.002, 0.5): most pixels of 0.3 would be inverted; BYOL's (and torchvision's) leaves them."""
+    def solarizers(pipeline):
+        return [(layer.threshold, layer.rate) for layer in pipeline.layers if isinstance(layer, augment.RandomSolarize)]
+
+    view1, view2 = augment.byol_views(28, 1)
+    assert (solarizers(view1), solarizers(view2)) == ([], [(0.5, 0.2)])
+    images = np.full((500, 4, 4, 1), 0.3, np.float32)
+    assert np.array_equal(augment.RandomSolarize(0.5, rate=1.0)(images), images)
+
+
+@pytest.mark.parametrize("kwargs", [dict(threshold=-0.1), dict(threshold=1.5), dict(rate=-0.5), dict(rate=2.0)])
+def test_solarize_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="threshold|rate"):
+        augment.RandomSolarize(**kwargs)
+
+
+def test_solarize_round_trips_config():
+    layer = augment.RandomSolarize(0.4, rate=0.3, seed=2)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert (type(clone), clone.threshold, clone.rate, clone.seed) == (augment.RandomSolarize, 0.4, 0.3, 2)
+
+
 def numpy_color_jitter(images, brightness, contrast, saturation, hue, mode):
     """torchvision's four operations, one image and one pixel at a time, clipping after each."""
     out = images.astype(np.float64).copy()
