@@ -85,6 +85,12 @@ class RandomResizedCrop(keras.layers.Layer):
         return config
 
 
+def _select_per_image(rate, generator, transformed, images):
+    """Each image of `transformed` with probability `rate`, else the same image of `images`."""
+    keep = keras.random.uniform([tf.shape(images)[0]], seed=generator) < rate
+    return tf.where(tf.reshape(keep, [-1, 1, 1, 1]), transformed, images)
+
+
 @_register
 class RandomApply(keras.layers.Layer):
     """Applies `layer` to each image of a batch with probability `rate`.
@@ -120,10 +126,7 @@ class RandomApply(keras.layers.Layer):
         if not training or self.rate == 0.0:
             return images
         transformed = self.layer(images, training=True)
-        batch = tf.shape(images)[0]
-        draws = keras.random.uniform([batch], seed=self.generator)
-        keep = tf.reshape(draws < self.rate, [-1, 1, 1, 1])
-        return tf.where(keep, tf.cast(transformed, images.dtype), images)
+        return _select_per_image(self.rate, self.generator, tf.cast(transformed, images.dtype), images)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -217,8 +220,7 @@ class RandomGaussianBlur(keras.layers.Layer):
         batch = tf.shape(images)[0]
         sigma = keras.random.uniform([batch], self.sigma[0], self.sigma[1], seed=self.generator)
         blurred = gaussian_blur(images, sigma, self.kernel_size)
-        keep = keras.random.uniform([batch], seed=self.generator) < self.rate
-        return tf.cast(tf.where(tf.reshape(keep, [-1, 1, 1, 1]), blurred, tf.cast(images, tf.float32)),
+        return tf.cast(_select_per_image(self.rate, self.generator, blurred, tf.cast(images, tf.float32)),
                        self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -269,8 +271,7 @@ class RandomSolarize(keras.layers.Layer):
             return images
         x = tf.cast(images, tf.float32)
         solarized = tf.where(x >= self.threshold, 1.0 - x, x)
-        keep = keras.random.uniform([tf.shape(images)[0]], seed=self.generator) < self.rate
-        return tf.cast(tf.where(tf.reshape(keep, [-1, 1, 1, 1]), solarized, x), self.compute_dtype)
+        return tf.cast(_select_per_image(self.rate, self.generator, solarized, x), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
