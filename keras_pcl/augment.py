@@ -7,7 +7,7 @@ and run inside `tf.data` (the TF backend) or in a model.
 import keras
 import tensorflow as tf
 
-from keras_pcl.errors import InvalidInputError
+from keras_pcl.errors import InvalidInputError, check_unit_interval
 
 _register = keras.saving.register_keras_serializable(package="keras_pcl")
 
@@ -111,11 +111,9 @@ class RandomApply(keras.layers.Layer):
 
     def __init__(self, layer, rate=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= rate <= 1.0:
-            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
-        self.layer, self.rate, self.seed = layer, float(rate), seed
+        self.layer, self.rate, self.seed = layer, check_unit_interval("rate", rate), seed
         self.generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
@@ -203,10 +201,8 @@ class RandomGaussianBlur(keras.layers.Layer):
             raise InvalidInputError(f"kernel_size must be an odd integer >= 1, got {kernel_size}.")
         if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
             raise InvalidInputError(f"sigma must be (min, max) with 0 < min <= max, got {sigma}.")
-        if not 0.0 <= rate <= 1.0:
-            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
         self.kernel_size, self.sigma = int(kernel_size), (float(sigma[0]), float(sigma[1]))
-        self.rate, self.seed = float(rate), seed
+        self.rate, self.seed = check_unit_interval("rate", rate), seed
         self.generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=True):
@@ -258,11 +254,8 @@ class RandomSolarize(keras.layers.Layer):
 
     def __init__(self, threshold=0.5, rate=0.2, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= threshold <= 1.0:
-            raise InvalidInputError(f"threshold must be in [0, 1] (images are in [0, 1]), got {threshold}.")
-        if not 0.0 <= rate <= 1.0:
-            raise InvalidInputError(f"rate must be in [0, 1], got {rate}.")
-        self.threshold, self.rate, self.seed = float(threshold), float(rate), seed
+        self.threshold = check_unit_interval("threshold", threshold)
+        self.rate, self.seed = check_unit_interval("rate", rate), seed
         self.generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=True):

@@ -80,6 +80,13 @@ def check_non_negative(name, value):
     return float(value)
 
 
+def check_unit_interval(name, value):
+    """`float(value)`, or a one-line `InvalidInputError` unless `0 <= value <= 1` (probabilities, pixel levels)."""
+    if value is None or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidInputError(f"{name} must be in [0, 1], got {value}.")
+    return float(value)
+
+
 def check_count(name, value, minimum=1):
     """`int(value)`, or a one-line `InvalidInputError` unless it is an integer >= `minimum`."""
     if value is None or isinstance(value, bool) or not float(value).is_integer() or value < minimum:
