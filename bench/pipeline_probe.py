@@ -2,8 +2,9 @@
 
     python bench/pipeline_probe.py --dataset=fashion_mnist --steps=80 --rounds=2
 
-Iterates `keras_pcl.data.contrastive_dataset` (two augmented views per image, the
-training pipeline of `experiments/run.py`) for `--steps` batches after one untimed
+Iterates `keras_pcl.data.multiview_dataset` (two augmented views per image, the
+training pipeline of `experiments/run.py`; `--augmentation` is any preset, one per view
+like BYOL's and PaCo's included) for `--steps` batches after one untimed
 batch, and prints ms per batch. Compare with the `epoch_seconds` of a run with the
 same `--steps_per_epoch`: if the pipeline is much faster, training is step-bound.
 """
@@ -29,10 +30,10 @@ def main(_):
 
     split = data.load_dataset(FLAGS.dataset)
     channels = split.image_shape[-1]
-    pipeline = augment.get_preset(FLAGS.augmentation, FLAGS.image_size, channels, (0.2, 1.0))
+    views = augment.view_augmentations(FLAGS.augmentation, FLAGS.image_size, channels, (0.2, 1.0))
     for seed in range(FLAGS.rounds):
-        dataset = data.contrastive_dataset(split.train_images, pipeline, FLAGS.batch_size, seed=seed, epochs=1,
-                                           steps_per_epoch=FLAGS.steps + 1)
+        dataset = data.multiview_dataset(split.train_images, views, FLAGS.batch_size, seed=seed, epochs=1,
+                                         steps_per_epoch=FLAGS.steps + 1)
         batches = iter(dataset)
         next(batches)
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl.errors import InvalidInputError, check_unit_interval
+from keras_pcl.rand_augment import RandAugment
 
 _register = keras.saving.register_keras_serializable(package="keras_pcl")
 
@@ -500,10 +501,12 @@ def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0)):
                                   keras.layers.RandomFlip("horizontal")], name="crop_flip_augment")
 
 
-def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnitude=0.5):
+def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnitude=10.0, magnitude_std=0.5,
+               fill_value=0.5):
     """PaCo's two views (its ImageNet-LT recipe): a strong query view (crop, flip, colour jitter
-    (0.4, 0.4, 0.4, 0) always, then Keras' RandAugment with `num_ops` operations of strength
-    `magnitude`) and a MoCo v2 key view (`pcl_v2`).
+    (0.4, 0.4, 0.4, 0) always, then timm's RandAugment `rand-n2-m10-mstd0.5`, per image:
+    `RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)`) and a MoCo v2 key
+    view (`pcl_v2`).
 
     Returns:
         `[query_augmentation, key_augmentation]`.
@@ -511,7 +514,7 @@ def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnit
     query = keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.0, jitter_rate=1.0, grayscale_rate=0.0)
-        + [keras.layers.RandAugment(value_range=(0, 1), num_ops=num_ops, factor=magnitude)],
+        + [RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)],
         name="paco_query_augment")
     return [query, pcl_v2(image_size, channels, crop_scale)]
 
