@@ -461,8 +461,10 @@ def train_and_evaluate(config, method, crop, drops, resuming):
     initial_epoch = checkpoint.restore(model)
     # The checkpoint holds the rows of the epochs it finished: history.json is a copy of them.
     history, history_path = checkpoint.history, os.path.join(out, "history.json")
-    if resuming and initial_epoch:
-        print(f"resuming {out} at epoch {initial_epoch}")
+    if resuming and (initial_epoch or checkpoint.replayed_steps):
+        again = (f"; the {checkpoint.replayed_steps} steps of epoch {initial_epoch + 1} done before the stop run again"
+                 if checkpoint.replayed_steps else "")
+        print(f"resuming {out} at epoch {initial_epoch}{again}")
     # Epoch e's order and augmentations depend only on (seed, e): a resumed run sees the same data.
     train_ds = data.multiview_dataset(split.train_images, views, config.batch_size, seed=config.seed,
                                       epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,

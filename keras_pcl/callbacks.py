@@ -217,7 +217,8 @@ class TrainingInterrupted(Exception):
 
     `signum` is the signal, `epoch` (from 1) and `step` (steps done in that
     epoch) where it stopped. Running `fit` again from `TrainingCheckpoint.restore`
-    resumes there (at the start of that epoch, with the weights of the moment).
+    resumes there (at the start of that epoch, with the weights of the moment and
+    the step counter of the epoch's start).
     """
 
     def __init__(self, signum, epoch, step):
@@ -256,7 +257,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     >>> checkpoint.history["loss"]  # every epoch's, over all the runs that resumed  # doctest: +SKIP
 
     A checkpoint taken mid-epoch resumes at the start of that epoch with the
-    weights of the moment it was saved. There is no separate random state: with
+    weights of the moment it was saved: the steps of that epoch done before the
+    stop run again (`replayed_steps` after `restore`). The optimizer's step
+    counter goes back to the epoch's start, so the learning-rate schedule (and
+    anything else keyed to the step: momentum schedules, frozen prototypes) stays
+    on its epochs instead of running ahead by the replayed steps and ending early.
+    There is no separate random state: with
     `keras_pcl.data.contrastive_dataset(..., epochs=E, initial_epoch=e)` the data
     and augmentations are functions of (seed, epoch, step), and the models'
     random draws of the optimizer step, so an epoch-boundary resume is exact.
@@ -268,7 +274,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self.signals = tuple(signals)
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._history = tf.Variable("{}", dtype=tf.string, trainable=False)
-        self.history = {}
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)  # steps done in the unfinished epoch
+        self.history, self.replayed_steps = {}, 0
         self._manager = None
         self._current_epoch = 0
         self._is_chief, self._write_directory = True, directory
@@ -292,7 +299,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 with getattr(model, "distribute_strategy", tf.distribute.get_strategy()).scope():
                     model.optimizer.build(model.trainable_variables)
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch,
-                                             history=self._history)
+                                             history=self._history, step=self._step)
             self._manager = tf.train.CheckpointManager(checkpoint, self._write_directory,
                                                        max_to_keep=self.max_to_keep)
         return self._manager
@@ -300,25 +307,34 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def restore(self, model):
         """Restores the newest checkpoint into `model`; returns the epoch to resume at (0 if none).
 
-        `history` then holds the rows of the epochs that checkpoint had finished.
+        `history` then holds the rows of the epochs that checkpoint had finished, and
+        `replayed_steps` the steps of the next epoch it had done (run again; the
+        optimizer's step counter is set back by as many).
         Every worker of a multi-worker job restores the chief's newest checkpoint.
         """
         manager = self._get_manager(model)
         latest = tf.train.latest_checkpoint(self.directory)
-        self.history = {}
+        self.history, self.replayed_steps = {}, 0
         if latest is None:
             return 0
-        # expect_partial: a checkpoint written before the history was saved has none.
+        # expect_partial: a checkpoint written before the history (or the step) was saved has none.
+        self._step.assign(0)
         manager.checkpoint.restore(latest).expect_partial().assert_existing_objects_matched()
         self.history = json.loads(self._history.numpy().decode() or "{}")
+        self.replayed_steps = int(self._step.numpy())
+        if self.replayed_steps and model.optimizer is not None:
+            model.optimizer.iterations.assign_sub(self.replayed_steps)
         return int(self._epoch.numpy())
 
-    def save(self, epoch):
-        """Saves the state with `epoch` epochs finished; returns the checkpoint's path."""
+    def save(self, epoch, step=0):
+        """Saves the state with `epoch` epochs finished and `step` steps of the next; returns the checkpoint's path."""
         self._epoch.assign(epoch)
+        self._step.assign(step)
         self._history.assign(json.dumps(self.history))
         with writing(self._write_directory):
-            path = self._get_manager(self.model).save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+            # Numbered by the checkpoint's own save counter, not the step: an epoch resumed from a
+            # mid-epoch checkpoint runs steps again whose numbers are taken, the newest among them.
+            path = self._get_manager(self.model).save()
         if not self._is_chief:
             shutil.rmtree(self._write_directory, ignore_errors=True)
         return path
@@ -366,12 +382,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._requested is not None:
             signum, self._requested = self._requested, None
-            self.save(self._current_epoch)
+            self.save(self._current_epoch, batch + 1)
             self._training = False
             self._release_signals()
             raise TrainingInterrupted(signum, self._current_epoch + 1, batch + 1)
         if self.save_every_steps and (batch + 1) % self.save_every_steps == 0:
-            self.save(self._current_epoch)
+            self.save(self._current_epoch, batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
         row = {key: _json_number(value) for key, value in (logs or {}).items()}

@@ -147,8 +147,12 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_there(tmp_path, meth
     assert int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * 11 + step
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
     code, output = Run(out, ["--checkpoint_every_steps=0"], method=method).finish()
-    assert code == 0 and f"resuming {out} at epoch 2" in output, output[-3000:]
+    assert code == 0, output[-3000:]
+    assert f"resuming {out} at epoch 2; the {step} steps of epoch 3 done before the stop run again" in output
     assert_complete(out)
+    # The replayed steps do not count twice: the schedule ends with the last epoch, not `step` steps early.
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(out / "checkpoints")))
+    assert int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 4 * 11
 
 
 def test_sigint_during_evaluation_stops_the_run(tmp_path):
@@ -183,6 +187,42 @@ def test_a_second_sigint_aborts_at_once(digits):
         checkpoint.on_train_end()
     assert signal.getsignal(signal.SIGINT) != checkpoint._on_signal
     del keras
+
+
+def test_a_mid_epoch_checkpoint_sets_the_step_counter_back_to_the_epoch_start(tmp_path):
+    """Restoring a checkpoint saved 3 steps into epoch 2 resumes at that epoch's start with the
+    optimizer's counter there too (the 3 steps run again); checkpoints are numbered by save, so a
+    step reached again never overwrites an earlier checkpoint."""
+    import keras_pcl
+    from keras_pcl import backbones
+
+    def model():
+        built = keras_pcl.SimCLR(backbones.small_cnn((8, 8, 1), width=8), keras_pcl.models.heads.mlp(8, (8,)))
+        built.compile(optimizer="sgd")
+        built.optimizer.build(built.trainable_variables)
+        return built
+
+    def checkpoint(model):  # one per model, as run.py makes
+        made = keras_pcl.callbacks.TrainingCheckpoint(str(tmp_path / "ckpt"))
+        made.set_model(model)
+        return made
+
+    first = model()
+    first.optimizer.iterations.assign(5 + 3)  # epoch 1 had 5 steps; 3 of epoch 2 done
+    paths = [checkpoint(first).save(1, 3)]
+    resumed = model()
+    saver = checkpoint(resumed)
+    assert saver.restore(resumed) == 1 and saver.replayed_steps == 3
+    assert int(resumed.optimizer.iterations.numpy()) == 5
+    resumed.optimizer.iterations.assign(5 + 3)  # the same step, reached again
+    paths.append(saver.save(1, 3))
+    resumed.optimizer.iterations.assign(10)
+    paths.append(saver.save(2))
+    assert len(set(paths)) == 3 and tf.train.latest_checkpoint(str(tmp_path / "ckpt")) == paths[-1]
+    again = model()
+    reader = checkpoint(again)
+    assert reader.restore(again) == 2 and reader.replayed_steps == 0
+    assert int(again.optimizer.iterations.numpy()) == 10
 
 
 def test_a_full_disk_stops_with_one_line_and_exit_4_and_the_run_resumes(runner, tmp_path, capsys, monkeypatch):
