@@ -47,7 +47,7 @@ def _equalize(levels):
     histogram = tf.reshape(histogram, [rows, 256])
     total = height * width
     last_used = 255 - tf.argmax(tf.reverse(tf.cast(histogram > 0, tf.int32), [1]), axis=1, output_type=tf.int32)
-    step = (total - tf.gather(histogram, last_used, batch_dims=1)) // 256
+    step = (total - tf.gather(histogram, last_used, batch_dims=1)) // 255
     safe_step = tf.maximum(step, 1)
     lut = tf.minimum((safe_step[:, None] // 2 + tf.cumsum(histogram, axis=1, exclusive=True)) // safe_step[:, None],
                      255)
@@ -139,10 +139,13 @@ def rand_augment_op(images, ops, magnitudes, signs=None, fill_value=0.5, transla
     fill = tf.constant(fill_value, tf.float32)
 
     def autocontrast():
-        low = tf.reduce_min(levels, axis=[1, 2], keepdims=True)
-        high = tf.reduce_max(levels, axis=[1, 2], keepdims=True)
-        stretched = tf.floor((levels - low) * (255.0 / tf.maximum(high - low, 1.0)) + 1e-3)
-        return tf.where(high > low, stretched, levels) / 255.0
+        # PIL's lookup table, int(level * scale + offset), in float64 as PIL computes it.
+        wide = tf.cast(levels, tf.float64)
+        low = tf.reduce_min(wide, axis=[1, 2], keepdims=True)
+        high = tf.reduce_max(wide, axis=[1, 2], keepdims=True)
+        scale = 255.0 / tf.maximum(high - low, 1.0)
+        stretched = tf.clip_by_value(tf.floor(wide * scale + (-low * scale)), 0.0, 255.0)
+        return tf.cast(tf.where(high > low, stretched, wide), tf.float32) / 255.0
 
     def posterize():
         step = tf.pow(2.0, 8.0 - tf.floor(4.0 * strength))

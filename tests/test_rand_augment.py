@@ -64,8 +64,8 @@ def _draws(rng, batch, low=0.0):
 
 
 # Levels PIL computes in integers exactly as here, and those it rounds or truncates its own way.
-EXACT = ("Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd")
-TOLERANCE = {"AutoContrast": 1.01, "Contrast": 1.01, "Brightness": 1.01, "Color": 1.5, "Sharpness": 1.5}
+EXACT = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd")
+TOLERANCE = {"Contrast": 1.01, "Brightness": 1.01, "Color": 1.5, "Sharpness": 1.5}
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -77,6 +77,26 @@ def test_pixel_ops_match_pil(rng, name, channels):
     got = rand_augment_op(u8 / 255.0, np.full(len(u8), OPS.index(name)), magnitudes, signs).numpy() * 255.0
     want = _pil_batch(u8, name, magnitudes, signs)
     np.testing.assert_allclose(got, want, atol=1e-3 if name in EXACT else TOLERANCE[name])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_equalize_matches_pil_on_large_images(rng, channels):
+    """PIL's step is (pixels - the top level's count) // 255: at 20 x 24 px dividing by 256 gives
+    the same step, at 256 x 260 px it never does."""
+    u8 = _images(rng, channels, batch=2, height=256, width=260)
+    got = rand_augment_op(u8 / 255.0, np.full(2, OPS.index("Equalize")), np.float32([10, 10])).numpy() * 255.0
+    np.testing.assert_allclose(got, _pil_batch(u8, "Equalize", [10, 10], [1, 1]), atol=1e-3)
+
+
+def test_autocontrast_matches_pil_level_for_level(rng):
+    """Every level between a low and a high one, for 300 (low, high) pairs: PIL's table truncates
+    `level * scale + offset` in float64, which lands just under a whole number for some pairs."""
+    pairs = np.sort(rng.integers(0, 256, size=(300, 2)), axis=1)
+    pairs[:2] = [(0, 25), (3, 250)]
+    u8 = np.stack([np.clip(np.arange(256), low, high) for low, high in pairs]).astype(np.uint8)[:, None, :, None]
+    got = rand_augment_op(u8 / 255.0, np.full(len(u8), OPS.index("AutoContrast")), np.zeros(len(u8), np.float32))
+    np.testing.assert_allclose(got.numpy() * 255.0, _pil_batch(u8, "AutoContrast", np.zeros(300), np.ones(300)),
+                               atol=1e-3)
 
 
 def test_posterize_to_zero_bits_is_black(rng):
