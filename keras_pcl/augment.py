@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from keras_pcl.errors import InvalidInputError, check_unit_interval
-from keras_pcl.rand_augment import RandAugment
+from keras_pcl.rand_augment import RandAugment, luma
 
 _register = keras.saving.register_keras_serializable(package="keras_pcl")
 
@@ -300,11 +300,6 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
     def per_image(factor):
         return tf.reshape(tf.cast(factor, tf.float32), [-1, 1, 1, 1])
 
-    def grayscale(x):
-        if x.shape[-1] != 3:  # one channel is its own grey; other counts have no luma weights
-            return tf.reduce_mean(x, axis=-1, keepdims=True)
-        return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
-
     def blend(x, other, factor):
         return tf.clip_by_value(per_image(factor) * x + (1.0 - per_image(factor)) * other, 0.0, 1.0)
 
@@ -312,9 +307,9 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
         x = tf.clip_by_value(x + per_image(brightness) if brightness_mode == "add" else x * per_image(brightness),
                              0.0, 1.0)
     if contrast is not None:
-        x = blend(x, tf.reduce_mean(grayscale(x), axis=[1, 2, 3], keepdims=True), contrast)
+        x = blend(x, tf.reduce_mean(luma(x), axis=[1, 2, 3], keepdims=True), contrast)
     if saturation is not None:
-        x = blend(x, grayscale(x), saturation)
+        x = blend(x, luma(x), saturation)
     if hue is not None:
         hsv = tf.image.rgb_to_hsv(x)
         shifted = tf.math.floormod(hsv[..., :1] + per_image(hue), 1.0)

@@ -25,10 +25,11 @@ def _per_image(value):
     return tf.reshape(value, [-1, 1, 1, 1])
 
 
-def _luma(x):
-    """PIL's RGB -> L weights; one channel is its own grey."""
-    if x.shape[-1] == 1:
-        return x
+def luma(x):
+    """Grey level of `[B, H, W, C]` images: PIL's (and ITU-R 601's) RGB weights for 3 channels, the
+    channel mean otherwise (one channel is its own grey; other counts have no luma weights)."""
+    if x.shape[-1] != 3:
+        return tf.reduce_mean(x, axis=-1, keepdims=True)
     return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
 
@@ -160,7 +161,7 @@ def rand_augment_op(images, ops, magnitudes, signs=None, fill_value=0.5, transla
         return tf.where(levels < 128.0, added, levels) / 255.0
 
     def contrast():
-        mean = tf.floor(tf.reduce_mean(tf.round(_luma(x) * 255.0), axis=[1, 2, 3], keepdims=True) + 0.5) / 255.0
+        mean = tf.floor(tf.reduce_mean(tf.round(luma(x) * 255.0), axis=[1, 2, 3], keepdims=True) + 0.5) / 255.0
         return _blend(mean, x, factor)
 
     pixel_ops = {
@@ -170,7 +171,7 @@ def rand_augment_op(images, ops, magnitudes, signs=None, fill_value=0.5, transla
         "Posterize": posterize,
         "Solarize": solarize,
         "SolarizeAdd": solarize_add,
-        "Color": lambda: _blend(_luma(x), x, factor),
+        "Color": lambda: _blend(luma(x), x, factor),
         "Contrast": contrast,
         "Brightness": lambda: _blend(tf.zeros_like(x), x, factor),
         "Sharpness": lambda: _blend(_smooth(x), x, factor),
