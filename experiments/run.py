@@ -70,6 +70,9 @@ flags.DEFINE_integer("lr_warmup_epochs", None, "Linear learning-rate warm-up epo
 flags.DEFINE_enum("augmentation", None, ["pcl_v1", "pcl_v2", "moco_v1", "moco_v2", "simclr", "byol", "paco", "crop_flip"],
                   "Augmentation preset (byol, paco: a different augmentation per view)" + PER_METHOD)
 flags.DEFINE_list("crop_scale", ["0.5", "1.0"], "RandomResizedCrop area range.")
+flags.DEFINE_enum("brightness_mode", "add", ["add", "multiply"],
+                  "Colour jitter's brightness: add an offset from U(-b, b) (the SimCLR and BYOL papers) or multiply "
+                  "by U(1 - b, 1 + b) (torchvision's ColorJitter, so lightly's and solo-learn's).")
 flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"], "Compute precision.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the train step and E-step: auto = on GPU/TPU, and on CPU for E-step "

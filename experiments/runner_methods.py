@@ -121,7 +121,8 @@ class Method:
 
     def views(self, augment, config, image_size, channels, crop_scale):
         """The augmentation of each view of a training batch."""
-        return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale)
+        return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale,
+                                          brightness_mode=config.brightness_mode)
 
     def callbacks(self, keras_pcl, config, train_eval_ds, jit_compile):
         """Callbacks the method needs during fit (PCL's E-step)."""
@@ -268,7 +269,7 @@ class SwAVMethod(Method):
         return augment.multi_crop(image_size, channels, num_large=2, num_small=config.num_small_crops,
                                   small_size=config.small_crop_size or None, large_scale=crop_scale,
                                   small_scale=tuple(float(v) for v in config.small_crop_scale),
-                                  preset=config.augmentation)
+                                  preset=config.augmentation, brightness_mode=config.brightness_mode)
 
     def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
@@ -317,7 +318,8 @@ class SupervisedMethod(Method):
     common_defaults = dict(norm="batch", augmentation="crop_flip", learning_rate=0.06, weight_decay=5e-4)
 
     def views(self, augment, config, image_size, channels, crop_scale):
-        return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale, num_views=1)
+        return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale, num_views=1,
+                                          brightness_mode=config.brightness_mode)
 
     def build(self, keras_pcl, config, backbone, split):
         counts = class_counts(keras_pcl, split)

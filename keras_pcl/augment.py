@@ -391,9 +391,9 @@ class RandomColorJitter(keras.layers.Layer):
         return config
 
 
-def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate):
+def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate, brightness_mode):
     """Colour jitter (and grayscale) for RGB; brightness/contrast only for 1 channel."""
-    jitter = RandomColorJitter(brightness, contrast, saturation, hue)
+    jitter = RandomColorJitter(brightness, contrast, saturation, hue, brightness_mode=brightness_mode)
     layers = [RandomApply(jitter, jitter_rate) if jitter_rate < 1 else jitter]
     if channels == 3 and grayscale_rate > 0:
         layers.append(keras.layers.RandomGrayscale(factor=grayscale_rate))
@@ -405,48 +405,56 @@ def blur_kernel_size(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0)):
+def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
     """PCL v1 / MoCo v1 augmentation: crop, grayscale 0.2, jitter 0.4 x 4, flip.
+
+    Every preset takes the same arguments:
 
     Args:
         image_size: output side in pixels (crops scale to small images).
         channels: 1 (grayscale data: brightness and contrast only) or 3.
         crop_scale: area range of RandomResizedCrop.
+        brightness_mode: the colour jitter's brightness, `"add"` (an offset, the
+            SimCLR and BYOL papers' form) or `"multiply"` (torchvision's, so
+            lightly's and solo-learn's); see `RandomColorJitter`.
 
     Returns:
         A `keras.layers.Pipeline` mapping `[B, H, W, C]` in `[0, 1]` to views.
     """
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
-        + _color_layers(channels, 0.4, 0.4, 0.4, 0.4, jitter_rate=1.0, grayscale_rate=0.2)
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.4, jitter_rate=1.0, grayscale_rate=0.2,
+                        brightness_mode=brightness_mode)
         + [keras.layers.RandomFlip("horizontal")],
         name="pcl_v1_augment",
     )
 
 
-def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0)):
+def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
     """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
-        + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2,
+                        brightness_mode=brightness_mode)
         + [_blur(image_size, 0.5), keras.layers.RandomFlip("horizontal")],
         name="pcl_v2_augment",
     )
 
 
-def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), blur=True):
+def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", blur=True):
     """SimCLR's augmentation: crop, flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2)
     with p=0.8, grayscale 0.2, Gaussian blur p=0.5 (the ImageNet recipe; `blur=False` is
     its CIFAR form)."""
     stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
-             + _color_layers(channels, 0.8, 0.8, 0.8, 0.2, jitter_rate=0.8, grayscale_rate=0.2))
+             + _color_layers(channels, 0.8, 0.8, 0.8, 0.2, jitter_rate=0.8, grayscale_rate=0.2,
+                           brightness_mode=brightness_mode))
     if blur:
         stack.append(_blur(image_size, 0.5))
     return keras.layers.Pipeline(stack, name="simclr_augment")
 
 
-def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
+def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add"):
     """BYOL's two asymmetric view augmentations: both crop, flip, jitter (0.4, 0.4, 0.2, 0.1)
     p=0.8 and grayscale 0.2; view 1 is always blurred and never solarised, view 2 blurred
     with p=0.1 and solarised (threshold 0.5) with p=0.2.
@@ -457,7 +465,8 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
 
     def view(blur_rate, solarize_rate, name):
         stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
-                 + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2)
+                 + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2,
+                                 brightness_mode=brightness_mode)
                  + [_blur(image_size, blur_rate)])
         if solarize_rate:
             stack.append(RandomSolarize(0.5, rate=solarize_rate))
@@ -467,7 +476,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0)):
 
 
 def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None, large_scale=(0.14, 1.0),
-               small_scale=(0.05, 0.14), preset="simclr"):
+               small_scale=(0.05, 0.14), preset="simclr", brightness_mode="add"):
     """SwAV's multi-crop: `num_large` views at `image_size` and `num_small` at `small_size`
     (default: 0.56 of the side, as 18 of 32 and 96 of 224 px), each a `preset` augmentation
     (default SimCLR's colour distortion, flip and blur) with its own crop scale.
@@ -483,21 +492,21 @@ def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None
     small_size = small_size or max(2, round(0.56 * image_size))
     if num_small and not 1 <= small_size <= image_size:
         raise InvalidInputError(f"small crops of {small_size} px must be between 1 and the image size {image_size}.")
-    views = [PRESETS[preset](image_size, channels, tuple(large_scale))] * num_large
+    views = [PRESETS[preset](image_size, channels, tuple(large_scale), brightness_mode)] * num_large
     if num_small:
-        views += [PRESETS[preset](small_size, channels, tuple(small_scale))] * num_small
+        views += [PRESETS[preset](small_size, channels, tuple(small_scale), brightness_mode)] * num_small
     return views
 
 
-def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0)):
-    """The supervised baselines' augmentation: random resized crop and horizontal flip."""
-    del channels
+def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add"):
+    """The supervised baselines' augmentation: random resized crop and horizontal flip (no colour)."""
+    del channels, brightness_mode
     return keras.layers.Pipeline([RandomResizedCrop(image_size, image_size, scale=crop_scale),
                                   keras.layers.RandomFlip("horizontal")], name="crop_flip_augment")
 
 
-def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnitude=10.0, magnitude_std=0.5,
-               fill_value=0.5):
+def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", num_ops=2, magnitude=10.0,
+               magnitude_std=0.5, fill_value=0.5):
     """PaCo's two views (its ImageNet-LT recipe): a strong query view (crop, flip, colour jitter
     (0.4, 0.4, 0.4, 0) always, then timm's RandAugment `rand-n2-m10-mstd0.5`, per image:
     `RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)`) and a MoCo v2 key
@@ -508,10 +517,11 @@ def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), num_ops=2, magnit
     """
     query = keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
-        + _color_layers(channels, 0.4, 0.4, 0.4, 0.0, jitter_rate=1.0, grayscale_rate=0.0)
+        + _color_layers(channels, 0.4, 0.4, 0.4, 0.0, jitter_rate=1.0, grayscale_rate=0.0,
+                        brightness_mode=brightness_mode)
         + [RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)],
         name="paco_query_augment")
-    return [query, pcl_v2(image_size, channels, crop_scale)]
+    return [query, pcl_v2(image_size, channels, crop_scale, brightness_mode)]
 
 
 def _blur(image_size, rate):
@@ -523,21 +533,21 @@ PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl
 VIEW_PRESETS = {"byol": byol_views, "paco": paco_views}  # a different augmentation per view
 
 
-def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0)):
+def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
     """Looks up a one-augmentation preset by name: one of `PRESETS`."""
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
-    return PRESETS[name](image_size, channels, crop_scale)
+    return PRESETS[name](image_size, channels, crop_scale, brightness_mode)
 
 
-def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2):
+def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2, brightness_mode="add"):
     """The augmentation of each of `num_views` views for a preset: the same layer for
     every view (one of `PRESETS`), or a different one per view (`VIEW_PRESETS`: BYOL's two
     asymmetric ones, PaCo's strong query and MoCo v2 key)."""
     if name in VIEW_PRESETS:
         if num_views != 2:
             raise InvalidInputError(f"the {name} augmentation makes 2 views, {num_views} were asked for.")
-        return VIEW_PRESETS[name](image_size, channels, crop_scale)
+        return VIEW_PRESETS[name](image_size, channels, crop_scale, brightness_mode)
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + sorted(VIEW_PRESETS)}.")
-    return [get_preset(name, image_size, channels, crop_scale)] * num_views
+    return [get_preset(name, image_size, channels, crop_scale, brightness_mode)] * num_views

@@ -164,6 +164,18 @@ def test_presets_blur_at_their_documented_rates():
     assert augment.blur_kernel_size(28) == 3 and augment.blur_kernel_size(224) == 23
 
 
+@pytest.mark.parametrize("name", ["pcl_v1", "pcl_v2", "simclr", "byol", "multi_crop"])
+def test_presets_brightness_mode_reaches_their_jitter(name):
+    """Black images stay black when brightness multiplies (torchvision's form); an offset lifts some."""
+    black = np.zeros((64, 8, 8, 1), np.float32)
+    for mode, lifted in (("multiply", False), ("add", True)):
+        if name == "multi_crop":
+            views = augment.multi_crop(8, 1, num_small=1, small_size=4, brightness_mode=mode)
+        else:
+            views = augment.view_augmentations(name, 8, 1, (0.5, 1.0), brightness_mode=mode)
+        assert any((view(black).numpy() > 0).any() for view in views) == lifted, mode
+
+
 def test_blur_round_trips_config():
     blur = augment.RandomGaussianBlur(5, sigma=(0.2, 1.5), rate=0.3, seed=4)
     clone = augment.RandomGaussianBlur.from_config(blur.get_config())
