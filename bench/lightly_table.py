@@ -11,6 +11,8 @@ loss scaled to keras_pcl's gradient where the conventions differ: BYOL's); both
 encoders' frozen features are scored by keras_pcl.evaluation (kNN k=200 T=0.1, linear
 probe, low-shot SVM, AMI). A pair within 1 kNN point gets a second seed (`--seeds`).
 Runs whose results.json exists are skipped, so the script can be stopped and re-run.
+`--extra_flags` overrides the flagfile on both sides (e.g. SwAV with two crops:
+`--methods=swav --extra_flags=--num_small_crops=0 --out=runs/lightly_swav_2crops`).
 Prints (and writes to OUT/table.md) one table per method: each library's mean over
 seeds, the spread (max - min), and seconds per epoch (the median epoch).
 """
@@ -34,6 +36,8 @@ flags.DEFINE_integer("epochs", 20, "Epochs of every run.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the second only for pairs within 1 kNN point.")
 flags.DEFINE_string("out", "runs/lightly", "Folder for the runs and table.md.")
 flags.DEFINE_boolean("train", True, "Train missing runs (false: only tabulate what exists).")
+flags.DEFINE_string("extra_flags", "", "Space-separated flagfile overrides given to both libraries (a variant, e.g. "
+                    "SwAV's --num_small_crops=0); runs are found by folder name, so give a variant its own --out.")
 FLAGS = flags.FLAGS
 
 
@@ -43,10 +47,10 @@ def train(library, method, seed):
         command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                    f"--flagfile={os.path.join(CONFIG_DIR, CONFIGS[method])}",
                    f"--epochs={FLAGS.epochs}", f"--seed={seed}", f"--output_dir={out}", "--knn_every=0",
-                   "--raw_pixels=false", "--plots=false", "--export=false"]
+                   "--raw_pixels=false", "--plots=false", "--export=false", *FLAGS.extra_flags.split()]
     else:
         command = [sys.executable, os.path.join(ROOT, "bench", "lightly_peer.py"), f"--method={method}",
-                   f"--epochs={FLAGS.epochs}", f"--seed={seed}", f"--out={out}"]
+                   f"--epochs={FLAGS.epochs}", f"--seed={seed}", f"--out={out}", f"--extra_flags={FLAGS.extra_flags}"]
     return run_once(out, command, f"{method} {library} seed {seed}", FLAGS.train)
 
 
@@ -88,7 +92,8 @@ def main(argv):
             seconds = statistics.median(r["epoch_seconds"] for r in found)
             lines.append(f"| {library} | {len(found)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
         sections.append("\n".join(lines))
-    text = ("keras_pcl vs lightly on Fashion-MNIST (test split), the same flagfile per method; mean ± spread "
+    variant = f" with {FLAGS.extra_flags}" if FLAGS.extra_flags else ""
+    text = (f"keras_pcl vs lightly on Fashion-MNIST (test split), the same flagfile per method{variant}; mean ± spread "
             "(max - min) over seeds, accuracies in %.\n\n" + "\n\n".join(sections))
     write_atomically(os.path.join(FLAGS.out, "table.md"), text + "\n")
     print(text)
