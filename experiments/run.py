@@ -45,6 +45,9 @@ flags.DEFINE_integer("num_splits", 4, "Sub-batches of split BatchNorm.")
 flags.DEFINE_boolean("small_images", True, "CIFAR-style stem for resnet18/50 (3x3 conv, no max-pool).")
 flags.DEFINE_integer("embedding_dim", None, "Output width of the projection head" + PER_METHOD)
 flags.DEFINE_integer("hidden_dim", None, "Hidden width of the projection head" + PER_METHOD)
+flags.DEFINE_enum("head_init", "keras", ["keras", "torch"],
+                  "Heads' Dense initialisation: Keras' (Glorot uniform, zero bias) or torch.nn.Linear's (kernel and "
+                  "bias uniform in +-1/sqrt(fan_in), as the PyTorch reference codes and lightly).")
 flags.DEFINE_integer("holdout", 0,
                      "Evaluate on this many training images held out of training, not on the test split "
                      "(for tuning; 0: the test split).")

@@ -139,8 +139,8 @@ def check_queue(config):
                          f"{config.batch_size}; use e.g. {-(-config.queue_size // config.batch_size) * config.batch_size}.")
 
 
-def mlp(keras_pcl, output_dim, hidden_dims, **options):
-    return keras_pcl.models.heads.mlp(output_dim, hidden_dims, **options)
+def mlp(keras_pcl, config, output_dim, hidden_dims, **options):
+    return keras_pcl.models.heads.mlp(output_dim, hidden_dims, init=config.head_init, **options)
 
 
 class MoCoMethod(Method):
@@ -156,7 +156,7 @@ class MoCoMethod(Method):
 
     def head(self, keras_pcl, config):
         hidden = (config.hidden_dim,) if config.head == "mlp" else ()
-        return mlp(keras_pcl, config.embedding_dim, hidden, name=f"{config.head}_head")
+        return mlp(keras_pcl, config, config.embedding_dim, hidden, name=f"{config.head}_head")
 
     def moco_arguments(self, config):
         return dict(queue_size=config.queue_size, momentum=config.momentum, temperature=config.temperature,
@@ -209,7 +209,7 @@ class SimCLRMethod(Method):
                            lr_warmup_epochs=lambda config: max(1, config.epochs // 10))
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.SimCLR(backbone, projector, temperature=config.temperature)
 
 
@@ -220,8 +220,8 @@ class BYOLMethod(Method):
     common_defaults = dict(norm="batch", augmentation="byol", learning_rate=0.06, weight_decay=5e-4)
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
-        predictor = mlp(keras_pcl, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        predictor = mlp(keras_pcl, config, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
                         name="predictor")
         return keras_pcl.BYOL(backbone, projector, predictor, momentum=config.momentum,
                               momentum_schedule=config.momentum_schedule)
@@ -235,9 +235,9 @@ class SimSiamMethod(Method):
                            embedding_dim=lambda config: config.hidden_dim)
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim, config.hidden_dim), batch_norm=True,
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim, config.hidden_dim), batch_norm=True,
                         output_norm="batch_no_affine", name="projector")
-        predictor = mlp(keras_pcl, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
+        predictor = mlp(keras_pcl, config, config.embedding_dim, (config.predictor_hidden_dim,), batch_norm=True,
                         name="predictor")
         return keras_pcl.SimSiam(backbone, projector, predictor,
                                  predictor_learning_rate=config.learning_rate if config.fixed_predictor_lr else None)
@@ -272,7 +272,7 @@ class SwAVMethod(Method):
                                   preset=config.augmentation, brightness_mode=config.brightness_mode)
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.SwAV(
             backbone, projector, num_prototypes=config.num_prototypes, temperature=config.temperature,
             epsilon=config.epsilon, sinkhorn_iterations=config.sinkhorn_iterations,
@@ -292,7 +292,7 @@ class SupConMethod(SimCLRMethod):
     common_defaults = dict(norm="batch", augmentation="simclr", learning_rate=0.06, weight_decay=5e-4)
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.SupCon(backbone, projector, temperature=config.temperature)
 
 
@@ -305,7 +305,7 @@ class PaCoMethod(MoCoMethod):
 
     def build(self, keras_pcl, config, backbone, split):
         counts = class_counts(keras_pcl, split)
-        projector = mlp(keras_pcl, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
         return keras_pcl.PaCo(backbone, projector, num_classes=len(counts), class_counts=counts,
                               queue_size=config.queue_size, momentum=config.momentum, temperature=config.temperature,
                               alpha=config.alpha, beta=config.beta, gamma=config.gamma,

@@ -149,8 +149,53 @@ def test_mlp_head_layers():
     assert linear(np.zeros((2, 3), np.float32)).shape == (2, 7)
 
 
+def test_mlp_torch_init_draws_as_torch_linear():
+    """init="torch": every Dense kernel and bias uniform in +-1/sqrt(fan_in) (torch.nn.Linear's
+    reset_parameters); init="keras": Glorot uniform kernels, zero biases. Checked on the bounds,
+    the variance of a uniform law (bound^2 / 3) and a Kolmogorov-Smirnov distance."""
+    keras.utils.set_random_seed(0)
+    fan_ins = {"fc1": 96, "fc2": 400}
+    torch_head = heads.mlp(200, (400,), init="torch")
+    torch_head.build((None, 96))
+    keras_head = heads.mlp(200, (400,))
+    keras_head.build((None, 96))
+    dense = [layer for layer in torch_head.layers if isinstance(layer, keras.layers.Dense)]
+    assert [type(layer) for layer in dense] == [heads.FanInUniformDense] * 2
+    for layer in dense:
+        bound = 1 / math.sqrt(fan_ins[layer.name])
+        for values in (layer.kernel.numpy().ravel(), layer.bias.numpy()):
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.95 * bound
+            n = values.size
+            np.testing.assert_allclose(values.var(), bound ** 2 / 3, rtol=6 / math.sqrt(n))
+            uniform_cdf = (np.sort(values) + bound) / (2 * bound)
+            assert np.abs(uniform_cdf - np.arange(1, n + 1) / n).max() < 2 / math.sqrt(n)
+    glorot = [layer for layer in keras_head.layers if isinstance(layer, keras.layers.Dense)]
+    assert [type(layer) for layer in glorot] == [keras.layers.Dense] * 2
+    for layer in glorot:
+        fan_out = layer.units
+        limit = math.sqrt(6 / (fan_ins[layer.name] + fan_out))
+        assert np.abs(layer.kernel.numpy()).max() <= limit and not layer.bias.numpy().any()
+    # Where the head narrows, torch's kernel is much smaller than Glorot's: fc2 400 -> 200.
+    assert dense[1].kernel.numpy().std() < 0.6 * glorot[1].kernel.numpy().std()
+
+
+def test_mlp_torch_init_survives_serialization_and_momentum_copy():
+    head = heads.mlp(8, (16,), batch_norm=True, init="torch")
+    head.build((None, 12))
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
+    expected = head(x).numpy()
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(head))
+    restored.set_weights(head.get_weights())
+    assert [type(layer).__name__ for layer in restored.layers] == [
+        "FanInUniformDense", "BatchNormalization", "ReLU", "FanInUniformDense"]
+    np.testing.assert_allclose(restored(x).numpy(), expected, rtol=1e-6)
+    copy = momentum.momentum_copy(head)
+    np.testing.assert_allclose(copy(x).numpy(), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [dict(output_dim=0), dict(output_dim=4, hidden_dims=(8, 0)),
-                                    dict(output_dim=2.5), dict(output_dim=4, output_norm="layer")])
+                                    dict(output_dim=2.5), dict(output_dim=4, output_norm="layer"),
+                                    dict(output_dim=4, init="glorot")])
 def test_mlp_rejects_bad_widths(kwargs):
     with pytest.raises(keras_pcl.InvalidInputError):
         heads.mlp(**kwargs)

@@ -229,7 +229,8 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     import tensorflow as tf
 
     out = tmp_path / method
-    extra = ["--queue_size=1000"] if method == "byol" else []  # another method's flag: reported, not checked
+    # BYOL: another method's flag (reported, not checked), and the PyTorch heads' initialisation.
+    extra = ["--queue_size=1000", "--head_init=torch"] if method == "byol" else []
     runner.execute([f"--flagfile={QUICKSTART}", f"--method={method}", f"--output_dir={out}", "--epochs=2",
                     "--knn_every=0", "--low_shot_draws=1"] + extra)
     printed = capsys.readouterr().out
@@ -238,6 +239,7 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method
     assert ("queue_size" in config) == (method in ("moco", "swav", "paco"))  # only the method's own flags
+    assert config["head_init"] == ("torch" if method == "byol" else "keras")
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == method
     for row in ("encoder", "raw_pixels"):
@@ -246,6 +248,12 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     assert results["evaluation"]["encoder"]["linear_top1"] > 0.3  # far above chance (0.1) after 2 epochs
     for name in ("model.keras", "curves.png", "tsne.png", "history.json"):
         assert (out / name).exists(), name
+    if method == "byol":  # model.keras rebuilds the heads' FanInUniformDense layers
+        import keras
+
+        import keras_pcl
+        saved = keras.saving.load_model(out / "model.keras")
+        assert isinstance(saved.predictor.layers[0], keras_pcl.models.heads.FanInUniformDense)
     history = json.loads((out / "history.json").read_text())
     model = runner_model_class(method)
     assert set(model.loss_names) | set(model.metric_names) <= set(history)
