@@ -18,7 +18,7 @@ class FanInUniformDense(layers.Dense):
 
     The heads' `init="torch"`: the initialisation of the PyTorch reference codes the
     methods' recipes were tuned with; its kernel is smaller than Glorot's where the
-    layer narrows (a third of the variance at 512 -> 128).
+    layer narrows (a fifth of Glorot's variance at 512 -> 128).
 
     Example:
     >>> layer = FanInUniformDense(4)
