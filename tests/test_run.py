@@ -222,6 +222,13 @@ def test_command_line_error_has_no_traceback():
     assert out.stderr.strip() == "run.py: error: --temperature must be > 0, got -1.0."
 
 
+def test_head_init_choices_are_the_librarys(runner):
+    """run.py spells --head_init's choices out (it defines flags before importing TensorFlow): keep them heads.INITS."""
+    from keras_pcl.models import heads
+
+    assert tuple(runner.FLAGS["head_init"].parser.enum_values) == heads.INITS
+
+
 @pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam", "swav", "supcon", "paco", "supervised"])
 def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_path, capsys, method, digits):
     """--flagfile=quickstart.cfg --method=M (PCL: test_quickstart_writes_every_output): results beside raw
