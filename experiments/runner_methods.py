@@ -69,6 +69,9 @@ define("integer", "queue_size", "MoCo/PCL: negative keys in the queue; SwAV: pas
 define("boolean", "symmetric", "MoCo/PCL: use both views as queries, for InfoNCE and (PCL) ProtoNCE; about twice "
        "the step cost.")
 define("enum", "head", "MoCo/PCL: projection head, mlp (v2) or linear (v1).", enum_values=["mlp", "linear"])
+define("enum", "projector_output_norm", "SimCLR: what ends the projector: batch (its last Dense without bias, then "
+       "BatchNorm with scale and shift, as lightly's head), batch_no_affine (BatchNorm without them), or none (a "
+       "Dense with bias).", enum_values=["batch", "batch_no_affine", "none"])
 define("integer", "predictor_hidden_dim", "BYOL/SimSiam: hidden width of the predictor MLP.", at_least_one)
 define("boolean", "fixed_predictor_lr", "SimSiam: hold the predictor's learning rate at --learning_rate "
        "(the paper's finding) instead of following the schedule.")
@@ -99,7 +102,8 @@ define("integer", "kmeans_iters", "PCL: k-means iterations (upper bound; stops e
 define("integer", "kmeans_restarts", "PCL: k-means restarts.", at_least_one)
 
 METHOD_FLAGS = sorted(CHECKS.keys() | {"momentum_schedule", "symmetric", "head", "fixed_predictor_lr",
-                                       "feature_bank", "small_crop_scale", "supervised_loss"})
+                                       "feature_bank", "small_crop_scale", "supervised_loss",
+                                       "projector_output_norm"})
 
 
 class Method:
@@ -202,14 +206,18 @@ class PCLMethod(MoCoMethod):
 
 class SimCLRMethod(Method):
     name = "simclr"
-    flags = dict(temperature=0.2)
+    # The projector ends in BatchNorm, as lightly's head (the official code's too, with scale only): on
+    # Fashion-MNIST it scored higher than a biased Dense (bench/RESULTS.md, keras_pcl vs lightly).
+    flags = dict(temperature=0.2, projector_output_norm="batch")
     # LARS at the paper's 0.3 x batch / 256, 10 % of training as linear warm-up.
     common_defaults = dict(norm="batch", augmentation="simclr", optimizer="lars", weight_decay=1e-6,
                            learning_rate=lambda config: 0.3 * config.batch_size / 256,
                            lr_warmup_epochs=lambda config: max(1, config.epochs // 10))
 
     def build(self, keras_pcl, config, backbone, split):
-        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
+        output_norm = None if config.projector_output_norm == "none" else config.projector_output_norm
+        projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True,
+                        output_norm=output_norm, name="projector")
         return keras_pcl.SimCLR(backbone, projector, temperature=config.temperature)
 
 

@@ -252,7 +252,7 @@ def test_simclr_loss_and_gradients_are_nt_xent_of_its_embeddings(digits):
     """One replica: the model's loss is mean(nt_xent) of its two views' embeddings (one pass over
     both, so BatchNorm sees 2B images), and its gradients are that mean's."""
     keras.utils.set_random_seed(2)
-    model = keras_pcl.SimCLR(encoder(), heads.mlp(8, (16,), batch_norm=True), temperature=0.3)
+    model = keras_pcl.SimCLR(encoder(), heads.mlp(8, (16,), batch_norm=True, output_norm="batch"), temperature=0.3)
     x1, x2 = views(digits[0][:16])
     with tf.GradientTape(persistent=True) as tape:
         terms, outputs = model.forward(Batch((x1, x2)), training=True)
@@ -274,7 +274,9 @@ def test_simclr_gradients_on_two_replicas_equal_one(digits, mirrored):
 
     def build():
         keras.utils.set_random_seed(4)
-        return keras_pcl.SimCLR(encoder(), heads.mlp(8, (16,), batch_norm=True), temperature=0.3)
+        # The runner's head: ending in (synchronised) BatchNorm.
+        return keras_pcl.SimCLR(encoder(), heads.mlp(8, (16,), batch_norm=True, output_norm="batch"),
+                                temperature=0.3)
 
     single = build()
     with tf.GradientTape() as tape:

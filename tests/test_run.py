@@ -229,6 +229,37 @@ def test_head_init_choices_are_the_librarys(runner):
     assert tuple(runner.FLAGS["head_init"].parser.enum_values) == heads.INITS
 
 
+def test_projector_output_norm_choices_are_the_librarys(runner):
+    """--projector_output_norm spells heads.OUTPUT_NORMS out, with "none" for None."""
+    from keras_pcl.models import heads
+
+    choices = runner.FLAGS["projector_output_norm"].parser.enum_values
+    assert {None if c == "none" else c for c in choices} == set(heads.OUTPUT_NORMS)
+
+
+@pytest.mark.parametrize("given,center,scale", [(None, True, True), ("batch_no_affine", False, False), ("none", None, None)])
+def test_simclr_projector_ends_as_asked(runner, given, center, scale):
+    """SimCLR's projector ends in affine BatchNorm by default (lightly's head); the
+    flag gives BatchNorm without scale and shift, or a Dense with bias."""
+    import keras
+
+    import keras_pcl
+
+    runner.FLAGS.unparse_flags()
+    runner.parse_argv(["run.py", f"--flagfile={QUICKSTART}", "--method=simclr"]
+                      + ([f"--projector_output_norm={given}"] if given else []))
+    config, ignored = runner.resolve_config()
+    assert not ignored and config["projector_output_norm"] == (given or "batch")
+    model = runner.REGISTRY["simclr"].build(keras_pcl, config, keras_pcl.backbones.small_cnn((8, 8, 1)), None)
+    last, dense = model.projector.layers[-1], [layer for layer in model.projector.layers
+                                               if isinstance(layer, keras.layers.Dense)][-1]
+    if given == "none":
+        assert last is dense and dense.use_bias
+    else:
+        assert isinstance(last, keras.layers.BatchNormalization) and not dense.use_bias
+        assert (last.center, last.scale) == (center, scale)
+
+
 @pytest.mark.parametrize("method", ["moco", "simclr", "byol", "simsiam", "swav", "supcon", "paco", "supervised"])
 def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_path, capsys, method, digits):
     """--flagfile=quickstart.cfg --method=M (PCL: test_quickstart_writes_every_output): results beside raw

@@ -51,7 +51,7 @@ def mlp(output_dim, hidden_dims=(2048,), batch_norm=False, output_norm=None, ini
     |---|---|
     | MoCo/PCL v1 | `mlp(128, ())` (linear) |
     | MoCo/PCL v2 | `mlp(128, (2048,))` |
-    | SimCLR projector | `mlp(128, (2048,), batch_norm=True)` |
+    | SimCLR projector | `mlp(128, (2048,), batch_norm=True, output_norm="batch")` |
     | BYOL projector and predictor | `mlp(256, (4096,), batch_norm=True)` |
     | SimSiam projector | `mlp(2048, (2048, 2048), batch_norm=True, output_norm="batch_no_affine")` |
     | SimSiam predictor | `mlp(2048, (512,), batch_norm=True)` |

@@ -26,14 +26,18 @@ class SimCLR(ContrastiveModel):
     Args:
         backbone: `keras.Model` from images to features `[B, D]`.
         projector: head from features to embeddings, e.g.
-            `keras_pcl.models.heads.mlp(128, (2048,), batch_norm=True)`.
+            `keras_pcl.models.heads.mlp(128, (2048,), batch_norm=True,
+            output_norm="batch")`: ending in BatchNorm, as lightly's head and
+            the paper's code (scale only there), it scored higher on
+            Fashion-MNIST than a head ending in a biased Dense.
         temperature: NT-Xent temperature, > 0 (0.5 in lightly, 0.1-0.5 in the paper).
         **kwargs: passed to `keras.Model`.
 
     Example:
     >>> from keras_pcl import backbones, optimizers
     >>> from keras_pcl.models import heads
-    >>> model = SimCLR(backbones.small_cnn((8, 8, 1)), heads.mlp(32, (64,), batch_norm=True))
+    >>> model = SimCLR(backbones.small_cnn((8, 8, 1)),
+    ...                heads.mlp(32, (64,), batch_norm=True, output_norm="batch"))
     >>> model.compile(optimizer=optimizers.LARS(0.3))
 
     Reference: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for
