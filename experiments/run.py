@@ -387,6 +387,8 @@ def main(argv):
     crop, drops = validate(config)
     if ignored:
         print(f"--method={method.name} does not use " + ", ".join(f"--{name}" for name in ignored) + "; ignored.")
+    if config.augmentation == "crop_flip" and FLAGS["brightness_mode"].present:
+        print("--augmentation=crop_flip has no colour jitter; --brightness_mode ignored.")
     resuming, lock = check_output_dir(config)
     try:
         train_and_evaluate(config, method, crop, drops, resuming)

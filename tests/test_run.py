@@ -267,13 +267,16 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
     import tensorflow as tf
 
     out = tmp_path / method
-    # BYOL: another method's flag (reported, not checked), and the PyTorch heads' initialisation.
-    extra = ["--queue_size=1000", "--head_init=torch"] if method == "byol" else []
+    # BYOL: another method's flag (reported, not checked), and the PyTorch heads' initialisation;
+    # supervised: a colour flag its augmentation has no use for (reported).
+    extra = {"byol": ["--queue_size=1000", "--head_init=torch"],
+             "supervised": ["--brightness_mode=multiply"]}.get(method, [])
     runner.execute([f"--flagfile={QUICKSTART}", f"--method={method}", f"--output_dir={out}", "--epochs=2",
                     "--knn_every=0", "--low_shot_draws=1"] + extra)
     printed = capsys.readouterr().out
-    if extra:
+    if method == "byol":
         assert "--method=byol does not use --queue_size; ignored." in printed
+    assert ("--brightness_mode ignored" in printed) == (method == "supervised")
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method
     assert ("queue_size" in config) == (method in ("moco", "swav", "paco"))  # only the method's own flags
