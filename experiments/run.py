@@ -107,6 +107,10 @@ COMMON_DEFAULTS = dict(norm="split", embedding_dim=64, hidden_dim=256, optimizer
 RESUMABLE = {"epochs", "output_dir", "overwrite", "debug", "plots", "export", "knn_every", "low_shot_draws",
              "checkpoint_every_steps", "steps_per_epoch", "raw_pixels"}
 
+# Flags added with a default that differs from what runs started before them did: such a run's
+# config.json lacks the flag and is compared as what it ran (a biased-Dense SimCLR projector).
+FORMER_DEFAULTS = {"projector_output_norm": "none"}
+
 COMMON_CHECKS = {"batch_size": runner_methods.at_least_one,
                  "long_tail_imbalance": lambda r: None if r == 0 or r >= 1 else "must be 0 (off) or >= 1", "epochs": runner_methods.at_least_one,
                  "learning_rate": runner_methods.positive, "weight_decay": runner_methods.non_negative,
@@ -236,10 +240,11 @@ def compare_with_previous_run(config, out):
     if os.path.exists(path) and not config.overwrite:
         with open(path) as f:
             previous = json.load(f)
-        # A flag added after the run started counts as its default there.
+        # A flag added after the run started counts as its default there (or as what the run did).
         defaults = default_config(REGISTRY[previous.get("method", config.method)])
+        former = {k: FORMER_DEFAULTS.get(k, value) for k, value in defaults.items()}
         changed = sorted(k for k in set(previous) | set(config) if k not in RESUMABLE
-                         and previous.get(k, defaults.get(k)) != config.get(k))
+                         and previous.get(k, former.get(k)) != config.get(k))
         if changed:
             raise UsageError(
                 f"--output_dir {out} holds a run with a different config (differs in: {', '.join(changed)}); "

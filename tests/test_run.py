@@ -109,6 +109,26 @@ def test_rerun_resumes_and_a_changed_config_is_refused(runner, tmp_path, capsys)
     assert (out / "config.json").read_text() == config_before
 
 
+def test_a_simclr_run_from_before_the_projector_flag_is_not_resumed_with_another_head(runner, tmp_path, capsys):
+    """SimCLR's projector ends in BatchNorm since --projector_output_norm: a run started before it (its
+    config.json lacks the flag) ran a biased-Dense end, so resuming it needs --projector_output_norm=none."""
+    out = tmp_path / "old_simclr"
+    out.mkdir()
+    runner.FLAGS.unparse_flags()
+    runner.parse_argv(["run.py", f"--flagfile={QUICKSTART}", "--method=simclr", f"--output_dir={out}"])
+    config, _ = runner.resolve_config()
+    del config["projector_output_norm"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        runner.execute([f"--flagfile={QUICKSTART}", "--method=simclr", f"--output_dir={out}"])
+    assert exit_info.value.code == 2
+    assert "different config (differs in: projector_output_norm)" in capsys.readouterr().err
+    runner.FLAGS.unparse_flags()
+    runner.parse_argv(["run.py", f"--flagfile={QUICKSTART}", "--method=simclr", f"--output_dir={out}",
+                       "--projector_output_norm=none"])
+    assert runner.compare_with_previous_run(runner.resolve_config()[0], str(out)) is True  # would resume
+
+
 def make_npz(path, images, labels=None):
     arrays = {"x": images}
     if labels is not None:
