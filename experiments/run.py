@@ -392,8 +392,9 @@ def main(argv):
     crop, drops = validate(config)
     if ignored:
         print(f"--method={method.name} does not use " + ", ".join(f"--{name}" for name in ignored) + "; ignored.")
-    if config.augmentation == "crop_flip" and FLAGS["brightness_mode"].present:
-        print("--augmentation=crop_flip has no colour jitter; --brightness_mode ignored.")
+    from keras_pcl import augment  # here, not at the top: a usage error should not wait for TensorFlow
+    if config.augmentation in augment.COLOURLESS_PRESETS and FLAGS["brightness_mode"].present:
+        print(f"--augmentation={config.augmentation} has no colour jitter; --brightness_mode ignored.")
     resuming, lock = check_output_dir(config)
     try:
         train_and_evaluate(config, method, crop, drops, resuming)

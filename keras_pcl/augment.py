@@ -531,6 +531,9 @@ def _blur(image_size, rate):
 PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr,
            "crop_flip": crop_flip}
 VIEW_PRESETS = {"byol": byol_views, "paco": paco_views}  # a different augmentation per view
+# Presets with no colour jitter, so a brightness_mode does not reach them (a test holds this to
+# what each preset builds).
+COLOURLESS_PRESETS = frozenset({"crop_flip"})
 
 
 def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):

@@ -176,6 +176,21 @@ def test_presets_brightness_mode_reaches_their_jitter(name):
         assert any((view(black).numpy() > 0).any() for view in views) == lifted, mode
 
 
+@pytest.mark.parametrize("name", sorted(set(augment.PRESETS) | set(augment.VIEW_PRESETS)))
+def test_colourless_presets_are_declared(name):
+    """COLOURLESS_PRESETS (the runner's "--brightness_mode ignored") is exactly the presets
+    that build no colour jitter."""
+    def layers(layer):
+        yield layer
+        for inner in getattr(layer, "layers", []) + [getattr(layer, "layer", None)]:
+            if inner is not None:
+                yield from layers(inner)
+
+    views = augment.view_augmentations(name, 8, 1, (0.5, 1.0))
+    jitters = [layer for view in views for layer in layers(view) if isinstance(layer, augment.RandomColorJitter)]
+    assert (not jitters) == (name in augment.COLOURLESS_PRESETS)
+
+
 def test_blur_round_trips_config():
     blur = augment.RandomGaussianBlur(5, sigma=(0.2, 1.5), rate=0.3, seed=4)
     clone = augment.RandomGaussianBlur.from_config(blur.get_config())
