@@ -257,6 +257,17 @@ def test_projector_output_norm_choices_are_the_librarys(runner):
     assert {None if c == "none" else c for c in choices} == set(heads.OUTPUT_NORMS)
 
 
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in (ROOT / "experiments" / "configs").glob("*.cfg")))
+def test_shipped_flagfiles_resolve_and_validate(runner, flagfile):
+    """Each flagfile in experiments/configs names only flags the runner has, with values it accepts,
+    and none its method ignores (a flag left over from another method would be a silent no-op)."""
+    runner.FLAGS.unparse_flags()
+    runner.parse_argv(["run.py", f"--flagfile={ROOT / 'experiments' / 'configs' / flagfile}"])
+    config, ignored = runner.resolve_config()
+    assert ignored == []
+    runner.validate(config)
+
+
 @pytest.mark.parametrize("given,center,scale", [(None, True, True), ("batch_no_affine", False, False), ("none", None, None)])
 def test_simclr_projector_ends_as_asked(runner, given, center, scale):
     """SimCLR's projector ends in affine BatchNorm by default (lightly's head); the
