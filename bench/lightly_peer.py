@@ -26,7 +26,7 @@ by 4; the other methods' losses already match). Where the two sides still differ
 forward passes as lightly's examples do (keras_pcl's SimCLR and SwAV pass views of one
 size together, so BatchNorm sees 2B images, and 6B for SwAV's six small crops); lightly's
 heads keep PyTorch's default initialisation (keras_pcl's: Glorot uniform unless the flagfile sets
-`--head_init=torch`, as BYOL's does), and
+`--head_init=torch`, as BYOL's and SimSiam's do), and
 its SwAV prototypes have a bias (keras_pcl's and the paper's do not; Sinkhorn's equal partition cancels it in the codes, not in the predictions); the stride-2 convolutions pad one pixel on every side (TF's "same" pads only the bottom and right); the frozen features are extracted in float32 (keras_pcl's runner extracts them under the bf16 policy); torchvision's ColorJitter multiplies
 brightness where keras_pcl's presets add (the SimCLR and BYOL papers' form; SwAV's flagfile
 multiplies too, `--brightness_mode=multiply`) and applies its
