@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "experiments" / "configs" / "quickstart.cfg")
+CONFIGS = ROOT / "experiments" / "configs"
+QUICKSTART = str(CONFIGS / "quickstart.cfg")
 QUICK = ["--epochs=3", "--warmup_epochs=1", "--knn_every=2", "--low_shot_draws=1", "--num_clusters=10,20",
          "--queue_size=256"]
 
@@ -257,12 +258,12 @@ def test_projector_output_norm_choices_are_the_librarys(runner):
     assert {None if c == "none" else c for c in choices} == set(heads.OUTPUT_NORMS)
 
 
-@pytest.mark.parametrize("flagfile", sorted(p.name for p in (ROOT / "experiments" / "configs").glob("*.cfg")))
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in CONFIGS.glob("*.cfg")))
 def test_shipped_flagfiles_resolve_and_validate(runner, flagfile):
     """Each flagfile in experiments/configs names only flags the runner has, with values it accepts,
     and none its method ignores (a flag left over from another method would be a silent no-op)."""
     runner.FLAGS.unparse_flags()
-    runner.parse_argv(["run.py", f"--flagfile={ROOT / 'experiments' / 'configs' / flagfile}"])
+    runner.parse_argv(["run.py", f"--flagfile={CONFIGS / flagfile}"])
     config, ignored = runner.resolve_config()
     assert ignored == []
     runner.validate(config)
