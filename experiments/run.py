@@ -209,6 +209,13 @@ def resolve_config():
     return config, ignored
 
 
+def brightness_mode_ignored(config):
+    """True when --brightness_mode is given for a preset without colour jitter."""
+    from keras_pcl import augment  # here, not at the top: a usage error should not wait for TensorFlow
+
+    return config.augmentation in augment.COLOURLESS_PRESETS and FLAGS["brightness_mode"].present
+
+
 def check_output_dir(config):
     """Checks output_dir can hold this run; returns (resuming, lock): resuming is True when it
     holds this same run, lock the folder's `OutputLock`, held from here on.
@@ -392,8 +399,7 @@ def main(argv):
     crop, drops = validate(config)
     if ignored:
         print(f"--method={method.name} does not use " + ", ".join(f"--{name}" for name in ignored) + "; ignored.")
-    from keras_pcl import augment  # here, not at the top: a usage error should not wait for TensorFlow
-    if config.augmentation in augment.COLOURLESS_PRESETS and FLAGS["brightness_mode"].present:
+    if brightness_mode_ignored(config):
         print(f"--augmentation={config.augmentation} has no colour jitter; --brightness_mode ignored.")
     resuming, lock = check_output_dir(config)
     try:

@@ -261,11 +261,13 @@ def test_projector_output_norm_choices_are_the_librarys(runner):
 @pytest.mark.parametrize("flagfile", sorted(p.name for p in CONFIGS.glob("*.cfg")))
 def test_shipped_flagfiles_resolve_and_validate(runner, flagfile):
     """Each flagfile in experiments/configs names only flags the runner has, with values it accepts,
-    and none its method ignores (a flag left over from another method would be a silent no-op)."""
+    and none its method or augmentation ignores (a flag left over from another method would be a
+    silent no-op)."""
     runner.FLAGS.unparse_flags()
     runner.parse_argv(["run.py", f"--flagfile={CONFIGS / flagfile}"])
     config, ignored = runner.resolve_config()
     assert ignored == []
+    assert not runner.brightness_mode_ignored(config)
     runner.validate(config)
 
 
