@@ -30,7 +30,8 @@ heads keep PyTorch's default initialisation (keras_pcl's: Glorot uniform unless 
 its SwAV prototypes have a bias (keras_pcl's and the paper's do not; Sinkhorn's equal partition cancels it in the codes, not in the predictions); the stride-2 convolutions pad one pixel on every side (TF's "same" pads only the bottom and right); the frozen features are extracted in float32 (keras_pcl's runner extracts them under the bf16 policy); torchvision's ColorJitter multiplies
 brightness where keras_pcl's presets add (the SimCLR and BYOL papers' form; SwAV's flagfile
 multiplies too, `--brightness_mode=multiply`) and applies its
-four operations in a random order where keras_pcl keeps one; augmentation per image in one DataLoader worker (the
+four operations in a random order where keras_pcl's flagfiles keep one (`--jitter_order=random`
+shuffles them too); augmentation per image in one DataLoader worker (the
 usual torchvision way) against keras_pcl's batched tf.data pipeline.
 
 A stopped run resumes: every epoch ends with `<out>/checkpoint.pt` (weights, momentum

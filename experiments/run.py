@@ -76,6 +76,9 @@ flags.DEFINE_list("crop_scale", ["0.5", "1.0"], "RandomResizedCrop area range.")
 flags.DEFINE_enum("brightness_mode", "add", ["add", "multiply"],
                   "Colour jitter's brightness: add an offset from U(-b, b) (the SimCLR and BYOL papers) or multiply "
                   "by U(1 - b, 1 + b) (torchvision's ColorJitter, so lightly's and solo-learn's).")
+flags.DEFINE_enum("jitter_order", "fixed", ["fixed", "random"],
+                  "Colour jitter's order: brightness, contrast, saturation, hue (fixed) or a permutation drawn per "
+                  "image (random: torchvision's ColorJitter and the SimCLR and BYOL code).")
 flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"], "Compute precision.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the train step and E-step: auto = on GPU/TPU, and on CPU for E-step "
@@ -209,11 +212,16 @@ def resolve_config():
     return config, ignored
 
 
-def brightness_mode_ignored(config):
-    """True when --brightness_mode is given for a preset without colour jitter."""
+COLOUR_FLAGS = ("brightness_mode", "jitter_order")
+
+
+def colour_flags_ignored(config):
+    """The colour-jitter flags given for a preset without colour jitter."""
     from keras_pcl import augment  # here, not at the top: a usage error should not wait for TensorFlow
 
-    return config.augmentation in augment.COLOURLESS_PRESETS and FLAGS["brightness_mode"].present
+    if config.augmentation not in augment.COLOURLESS_PRESETS:
+        return []
+    return [name for name in COLOUR_FLAGS if FLAGS[name].present]
 
 
 def check_output_dir(config):
@@ -399,8 +407,10 @@ def main(argv):
     crop, drops = validate(config)
     if ignored:
         print(f"--method={method.name} does not use " + ", ".join(f"--{name}" for name in ignored) + "; ignored.")
-    if brightness_mode_ignored(config):
-        print(f"--augmentation={config.augmentation} has no colour jitter; --brightness_mode ignored.")
+    colourless = colour_flags_ignored(config)
+    if colourless:
+        print(f"--augmentation={config.augmentation} has no colour jitter; "
+              + ", ".join(f"--{name}" for name in colourless) + " ignored.")
     resuming, lock = check_output_dir(config)
     try:
         train_and_evaluate(config, method, crop, drops, resuming)

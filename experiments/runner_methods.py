@@ -126,7 +126,7 @@ class Method:
     def views(self, augment, config, image_size, channels, crop_scale):
         """The augmentation of each view of a training batch."""
         return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale,
-                                          brightness_mode=config.brightness_mode)
+                                          brightness_mode=config.brightness_mode, jitter_order=config.jitter_order)
 
     def callbacks(self, keras_pcl, config, train_eval_ds, jit_compile):
         """Callbacks the method needs during fit (PCL's E-step)."""
@@ -277,7 +277,8 @@ class SwAVMethod(Method):
         return augment.multi_crop(image_size, channels, num_large=2, num_small=config.num_small_crops,
                                   small_size=config.small_crop_size or None, large_scale=crop_scale,
                                   small_scale=tuple(float(v) for v in config.small_crop_scale),
-                                  preset=config.augmentation, brightness_mode=config.brightness_mode)
+                                  preset=config.augmentation, brightness_mode=config.brightness_mode,
+                                  jitter_order=config.jitter_order)
 
     def build(self, keras_pcl, config, backbone, split):
         projector = mlp(keras_pcl, config, config.embedding_dim, (config.hidden_dim,), batch_norm=True, name="projector")
@@ -327,7 +328,7 @@ class SupervisedMethod(Method):
 
     def views(self, augment, config, image_size, channels, crop_scale):
         return augment.view_augmentations(config.augmentation, image_size, channels, crop_scale, num_views=1,
-                                          brightness_mode=config.brightness_mode)
+                                          brightness_mode=config.brightness_mode, jitter_order=config.jitter_order)
 
     def build(self, keras_pcl, config, backbone, split):
         counts = class_counts(keras_pcl, split)

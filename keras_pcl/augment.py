@@ -276,8 +276,10 @@ class RandomSolarize(keras.layers.Layer):
         return config
 
 
-def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=None, brightness_mode="add"):
-    """Colour jitter with per-image factors, in the order brightness, contrast, saturation, hue.
+def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=None, brightness_mode="add",
+                 order=None):
+    """Colour jitter with per-image factors, in the order brightness, contrast, saturation, hue,
+    or in each image's own order.
 
     torchvision's operations (`ColorJitter`): contrast blends each image with the
     mean of its grayscale, saturation with its grayscale, hue shifts the hue
@@ -291,6 +293,8 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
         brightness, contrast, saturation, hue: `[B]` factors (hue: a shift in
             turns of the hue circle), or None.
         brightness_mode: `"add"` or `"multiply"`.
+        order: None (the order above), or `[B, 4]` ints: each image's permutation of the
+            operations 0 brightness, 1 contrast, 2 saturation, 3 hue, first applied first.
 
     Returns:
         `[B, H, W, C]` float32.
@@ -303,17 +307,32 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
     def blend(x, other, factor):
         return tf.clip_by_value(per_image(factor) * x + (1.0 - per_image(factor)) * other, 0.0, 1.0)
 
-    if brightness is not None:
-        x = tf.clip_by_value(x + per_image(brightness) if brightness_mode == "add" else x * per_image(brightness),
-                             0.0, 1.0)
-    if contrast is not None:
-        x = blend(x, tf.reduce_mean(luma(x), axis=[1, 2, 3], keepdims=True), contrast)
-    if saturation is not None:
-        x = blend(x, luma(x), saturation)
-    if hue is not None:
+    def adjust_brightness(x):
+        return tf.clip_by_value(x + per_image(brightness) if brightness_mode == "add" else x * per_image(brightness),
+                                0.0, 1.0)
+
+    def adjust_hue(x):
         hsv = tf.image.rgb_to_hsv(x)
         shifted = tf.math.floormod(hsv[..., :1] + per_image(hue), 1.0)
-        x = tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([shifted, hsv[..., 1:]], axis=-1)), 0.0, 1.0)
+        return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([shifted, hsv[..., 1:]], axis=-1)), 0.0, 1.0)
+
+    operations = [adjust_brightness if brightness is not None else None,
+                  (lambda x: blend(x, tf.reduce_mean(luma(x), axis=[1, 2, 3], keepdims=True), contrast))
+                  if contrast is not None else None,
+                  (lambda x: blend(x, luma(x), saturation)) if saturation is not None else None,
+                  adjust_hue if hue is not None else None]
+    if order is None:
+        for operation in operations:
+            if operation is not None:
+                x = operation(x)
+        return x
+    # Each step applies every operation to the whole batch and keeps it for the images whose
+    # order puts it there: per-image orders at (number of operations) times the fixed order's work.
+    order = tf.convert_to_tensor(order)
+    for step in range(len(operations)):
+        for index, operation in enumerate(operations):
+            if operation is not None:
+                x = tf.where(tf.reshape(tf.equal(order[:, step], index), [-1, 1, 1, 1]), operation(x), x)
     return x
 
 
@@ -325,7 +344,9 @@ class RandomColorJitter(keras.layers.Layer):
     SimCLR and BYOL papers' form) or a factor from `U(max(0, 1 - b), 1 + b)`
     (`"multiply"`, torchvision's). Contrast and saturation `c`: factors from
     `U(max(0, 1 - c), 1 + c)`. Hue `h` in `[0, 0.5]`: a shift from `U(-h, h)`.
-    Applied in that order by `color_jitter`. Grayscale images (1 channel) take
+    Applied in that order (`order="fixed"`), or in a random order drawn per
+    image (`"random"`: torchvision's `ColorJitter` and the SimCLR and BYOL
+    code shuffle it), by `color_jitter`. Grayscale images (1 channel) take
     brightness and contrast only. Keras' `RandomColorJitter` reads the same
     numbers otherwise: its saturation factor 0.4 draws multipliers from
     `[0, 0.67]` (never more saturated, sometimes gray) and its hue factor 0.1
@@ -335,6 +356,7 @@ class RandomColorJitter(keras.layers.Layer):
         brightness, contrast, saturation: strengths >= 0 (0 skips the operation).
         hue: strength in `[0, 0.5]`.
         brightness_mode: `"add"` or `"multiply"`.
+        order: `"fixed"` or `"random"`.
         seed: optional int.
         **kwargs: passed to `keras.layers.Layer`.
 
@@ -348,9 +370,10 @@ class RandomColorJitter(keras.layers.Layer):
     """
 
     MODES = ("add", "multiply")
+    ORDERS = ("fixed", "random")
 
-    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, brightness_mode="add", seed=None,
-                 **kwargs):
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, brightness_mode="add", order="fixed",
+                 seed=None, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if not value >= 0:
@@ -359,9 +382,11 @@ class RandomColorJitter(keras.layers.Layer):
             raise InvalidInputError(f"hue must be in [0, 0.5], got {hue}.")
         if brightness_mode not in self.MODES:
             raise InvalidInputError(f"brightness_mode must be one of {self.MODES}, got {brightness_mode!r}.")
+        if order not in self.ORDERS:
+            raise InvalidInputError(f"order must be one of {self.ORDERS}, got {order!r}.")
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.saturation, self.hue = float(saturation), float(hue)
-        self.brightness_mode, self.seed = brightness_mode, seed
+        self.brightness_mode, self.order, self.seed = brightness_mode, order, seed
         self.generator = keras.random.SeedGenerator(seed)
 
     def _factor(self, batch, strength):
@@ -377,8 +402,13 @@ class RandomColorJitter(keras.layers.Layer):
         brightness = (keras.random.uniform([batch], -self.brightness, self.brightness, seed=self.generator)
                       if self.brightness and self.brightness_mode == "add" else self._factor(batch, self.brightness))
         hue = keras.random.uniform([batch], -self.hue, self.hue, seed=self.generator) if self.hue and rgb else None
-        jittered = color_jitter(images, brightness, self._factor(batch, self.contrast),
-                                self._factor(batch, self.saturation) if rgb else None, hue, self.brightness_mode)
+        contrast = self._factor(batch, self.contrast)
+        saturation = self._factor(batch, self.saturation) if rgb else None
+        # Drawn last, so a seed gives the same factors in either order. The ranks of uniform
+        # draws: each of the 24 permutations equally likely.
+        order = (tf.argsort(keras.random.uniform([batch, 4], seed=self.generator), axis=1)
+                 if self.order == "random" else None)
+        jittered = color_jitter(images, brightness, contrast, saturation, hue, self.brightness_mode, order)
         return tf.cast(jittered, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -387,13 +417,15 @@ class RandomColorJitter(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(brightness=self.brightness, contrast=self.contrast, saturation=self.saturation, hue=self.hue,
-                      brightness_mode=self.brightness_mode, seed=self.seed)
+                      brightness_mode=self.brightness_mode, order=self.order, seed=self.seed)
         return config
 
 
-def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate, brightness_mode):
+def _color_layers(channels, brightness, contrast, saturation, hue, jitter_rate, grayscale_rate, brightness_mode,
+                  jitter_order):
     """Colour jitter (and grayscale) for RGB; brightness/contrast only for 1 channel."""
-    jitter = RandomColorJitter(brightness, contrast, saturation, hue, brightness_mode=brightness_mode)
+    jitter = RandomColorJitter(brightness, contrast, saturation, hue, brightness_mode=brightness_mode,
+                               order=jitter_order)
     layers = [RandomApply(jitter, jitter_rate) if jitter_rate < 1 else jitter]
     if channels == 3 and grayscale_rate > 0:
         layers.append(keras.layers.RandomGrayscale(factor=grayscale_rate))
@@ -405,7 +437,7 @@ def blur_kernel_size(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
+def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
     """PCL v1 / MoCo v1 augmentation: crop, grayscale 0.2, jitter 0.4 x 4, flip.
 
     Every preset takes the same arguments:
@@ -417,6 +449,9 @@ def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add")
         brightness_mode: the colour jitter's brightness, `"add"` (an offset, the
             SimCLR and BYOL papers' form) or `"multiply"` (torchvision's, so
             lightly's and solo-learn's); see `RandomColorJitter`.
+        jitter_order: `"fixed"` (brightness, contrast, saturation, hue) or `"random"`
+            (a permutation per image, as torchvision's `ColorJitter` and the SimCLR
+            and BYOL code); see `RandomColorJitter`.
 
     Returns:
         A `keras.layers.Pipeline` mapping `[B, H, W, C]` in `[0, 1]` to views.
@@ -424,37 +459,37 @@ def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add")
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.4, jitter_rate=1.0, grayscale_rate=0.2,
-                        brightness_mode=brightness_mode)
+                        brightness_mode=brightness_mode, jitter_order=jitter_order)
         + [keras.layers.RandomFlip("horizontal")],
         name="pcl_v1_augment",
     )
 
 
-def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
+def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
     """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
     return keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale)]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.1, jitter_rate=0.8, grayscale_rate=0.2,
-                        brightness_mode=brightness_mode)
+                        brightness_mode=brightness_mode, jitter_order=jitter_order)
         + [_blur(image_size, 0.5), keras.layers.RandomFlip("horizontal")],
         name="pcl_v2_augment",
     )
 
 
-def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", blur=True):
+def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", blur=True, jitter_order="fixed"):
     """SimCLR's augmentation: crop, flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2)
     with p=0.8, grayscale 0.2, Gaussian blur p=0.5 (the ImageNet recipe; `blur=False` is
     its CIFAR form)."""
     stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
              + _color_layers(channels, 0.8, 0.8, 0.8, 0.2, jitter_rate=0.8, grayscale_rate=0.2,
-                           brightness_mode=brightness_mode))
+                           brightness_mode=brightness_mode, jitter_order=jitter_order))
     if blur:
         stack.append(_blur(image_size, 0.5))
     return keras.layers.Pipeline(stack, name="simclr_augment")
 
 
-def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add"):
+def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", jitter_order="fixed"):
     """BYOL's two asymmetric view augmentations: both crop, flip, jitter (0.4, 0.4, 0.2, 0.1)
     p=0.8 and grayscale 0.2; view 1 is always blurred and never solarised, view 2 blurred
     with p=0.1 and solarised (threshold 0.5) with p=0.2.
@@ -466,7 +501,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="
     def view(blur_rate, solarize_rate, name):
         stack = ([RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
                  + _color_layers(channels, 0.4, 0.4, 0.2, 0.1, jitter_rate=0.8, grayscale_rate=0.2,
-                                 brightness_mode=brightness_mode)
+                                 brightness_mode=brightness_mode, jitter_order=jitter_order)
                  + [_blur(image_size, blur_rate)])
         if solarize_rate:
             stack.append(RandomSolarize(0.5, rate=solarize_rate))
@@ -476,7 +511,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="
 
 
 def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None, large_scale=(0.14, 1.0),
-               small_scale=(0.05, 0.14), preset="simclr", brightness_mode="add"):
+               small_scale=(0.05, 0.14), preset="simclr", brightness_mode="add", jitter_order="fixed"):
     """SwAV's multi-crop: `num_large` views at `image_size` and `num_small` at `small_size`
     (default: 0.56 of the side, as 18 of 32 and 96 of 224 px), each a `preset` augmentation
     (default SimCLR's colour distortion, flip and blur) with its own crop scale.
@@ -492,21 +527,23 @@ def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None
     small_size = small_size or max(2, round(0.56 * image_size))
     if num_small and not 1 <= small_size <= image_size:
         raise InvalidInputError(f"small crops of {small_size} px must be between 1 and the image size {image_size}.")
-    views = [PRESETS[preset](image_size, channels, tuple(large_scale), brightness_mode)] * num_large
+    views = [PRESETS[preset](image_size, channels, tuple(large_scale), brightness_mode, jitter_order=jitter_order)
+             ] * num_large
     if num_small:
-        views += [PRESETS[preset](small_size, channels, tuple(small_scale), brightness_mode)] * num_small
+        views += [PRESETS[preset](small_size, channels, tuple(small_scale), brightness_mode, jitter_order=jitter_order)
+                  ] * num_small
     return views
 
 
-def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add"):
+def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", jitter_order="fixed"):
     """The supervised baselines' augmentation: random resized crop and horizontal flip (no colour)."""
-    del channels, brightness_mode
+    del channels, brightness_mode, jitter_order
     return keras.layers.Pipeline([RandomResizedCrop(image_size, image_size, scale=crop_scale),
                                   keras.layers.RandomFlip("horizontal")], name="crop_flip_augment")
 
 
 def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", num_ops=2, magnitude=10.0,
-               magnitude_std=0.5, fill_value=0.5):
+               magnitude_std=0.5, fill_value=0.5, jitter_order="fixed"):
     """PaCo's two views (its ImageNet-LT recipe): a strong query view (crop, flip, colour jitter
     (0.4, 0.4, 0.4, 0) always, then timm's RandAugment `rand-n2-m10-mstd0.5`, per image:
     `RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)`) and a MoCo v2 key
@@ -518,10 +555,10 @@ def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="
     query = keras.layers.Pipeline(
         [RandomResizedCrop(image_size, image_size, scale=crop_scale), keras.layers.RandomFlip("horizontal")]
         + _color_layers(channels, 0.4, 0.4, 0.4, 0.0, jitter_rate=1.0, grayscale_rate=0.0,
-                        brightness_mode=brightness_mode)
+                        brightness_mode=brightness_mode, jitter_order=jitter_order)
         + [RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)],
         name="paco_query_augment")
-    return [query, pcl_v2(image_size, channels, crop_scale, brightness_mode)]
+    return [query, pcl_v2(image_size, channels, crop_scale, brightness_mode, jitter_order=jitter_order)]
 
 
 def _blur(image_size, rate):
@@ -531,26 +568,27 @@ def _blur(image_size, rate):
 PRESETS = {"pcl_v1": pcl_v1, "pcl_v2": pcl_v2, "moco_v1": pcl_v1, "moco_v2": pcl_v2, "simclr": simclr,
            "crop_flip": crop_flip}
 VIEW_PRESETS = {"byol": byol_views, "paco": paco_views}  # a different augmentation per view
-# Presets with no colour jitter, so a brightness_mode does not reach them (a test holds this to
+# Presets with no colour jitter, so brightness_mode and jitter_order do not reach them (a test holds this to
 # what each preset builds).
 COLOURLESS_PRESETS = frozenset({"crop_flip"})
 
 
-def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add"):
+def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
     """Looks up a one-augmentation preset by name: one of `PRESETS`."""
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
-    return PRESETS[name](image_size, channels, crop_scale, brightness_mode)
+    return PRESETS[name](image_size, channels, crop_scale, brightness_mode, jitter_order=jitter_order)
 
 
-def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2, brightness_mode="add"):
+def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2, brightness_mode="add",
+                       jitter_order="fixed"):
     """The augmentation of each of `num_views` views for a preset: the same layer for
     every view (one of `PRESETS`), or a different one per view (`VIEW_PRESETS`: BYOL's two
     asymmetric ones, PaCo's strong query and MoCo v2 key)."""
     if name in VIEW_PRESETS:
         if num_views != 2:
             raise InvalidInputError(f"the {name} augmentation makes 2 views, {num_views} were asked for.")
-        return VIEW_PRESETS[name](image_size, channels, crop_scale, brightness_mode)
+        return VIEW_PRESETS[name](image_size, channels, crop_scale, brightness_mode, jitter_order=jitter_order)
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + sorted(VIEW_PRESETS)}.")
-    return [get_preset(name, image_size, channels, crop_scale, brightness_mode)] * num_views
+    return [get_preset(name, image_size, channels, crop_scale, brightness_mode, jitter_order)] * num_views

@@ -176,19 +176,36 @@ def test_presets_brightness_mode_reaches_their_jitter(name):
         assert any((view(black).numpy() > 0).any() for view in views) == lifted, mode
 
 
-@pytest.mark.parametrize("name", sorted(set(augment.PRESETS) | set(augment.VIEW_PRESETS)))
-def test_colourless_presets_are_declared(name):
-    """COLOURLESS_PRESETS (the runner's "--brightness_mode ignored") is exactly the presets
-    that build no colour jitter."""
+def jitters_of(views):
+    """Every RandomColorJitter inside a list of augmentation layers."""
     def layers(layer):
         yield layer
         for inner in getattr(layer, "layers", []) + [getattr(layer, "layer", None)]:
             if inner is not None:
                 yield from layers(inner)
 
-    views = augment.view_augmentations(name, 8, 1, (0.5, 1.0))
-    jitters = [layer for view in views for layer in layers(view) if isinstance(layer, augment.RandomColorJitter)]
+    return [layer for view in views for layer in layers(view) if isinstance(layer, augment.RandomColorJitter)]
+
+
+@pytest.mark.parametrize("name", sorted(set(augment.PRESETS) | set(augment.VIEW_PRESETS)))
+def test_colourless_presets_are_declared(name):
+    """COLOURLESS_PRESETS (the runner's "--brightness_mode, --jitter_order ignored") is exactly
+    the presets that build no colour jitter."""
+    jitters = jitters_of(augment.view_augmentations(name, 8, 1, (0.5, 1.0)))
     assert (not jitters) == (name in augment.COLOURLESS_PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted((set(augment.PRESETS) | set(augment.VIEW_PRESETS) | {"multi_crop"})
+                                        - augment.COLOURLESS_PRESETS))
+def test_presets_jitter_order_reaches_every_jitter(name):
+    for order in ("fixed", "random"):
+        if name == "multi_crop":
+            views = augment.multi_crop(8, 3, num_small=1, small_size=4, jitter_order=order)
+        else:
+            views = augment.view_augmentations(name, 8, 3, (0.5, 1.0), jitter_order=order)
+        assert {jitter.order for jitter in jitters_of(views)} == {order}
+    assert {jitter.order for jitter in jitters_of(augment.view_augmentations(name if name != "multi_crop" else
+                                                                                "simclr", 8, 3))} == {"fixed"}
 
 
 def test_blur_round_trips_config():
@@ -239,34 +256,55 @@ def test_solarize_round_trips_config():
     assert (type(clone), clone.threshold, clone.rate, clone.seed) == (augment.RandomSolarize, 0.4, 0.3, 2)
 
 
-def numpy_color_jitter(images, brightness, contrast, saturation, hue, mode):
-    """torchvision's four operations, one image and one pixel at a time, clipping after each."""
+def numpy_color_jitter(images, brightness, contrast, saturation, hue, mode, order=None):
+    """torchvision's four operations, one image and one pixel at a time, clipping after each,
+    in the order brightness, contrast, saturation, hue or each image's `order[n]`."""
     out = images.astype(np.float64).copy()
+    gray = (lambda im: im @ np.array([0.299, 0.587, 0.114]) if im.shape[-1] == 3 else im[..., 0])
     for n, image in enumerate(out):
-        gray = (lambda im: im @ np.array([0.299, 0.587, 0.114]) if im.shape[-1] == 3 else im[..., 0])
-        image[:] = np.clip(image + brightness[n] if mode == "add" else image * brightness[n], 0, 1)
-        image[:] = np.clip(contrast[n] * image + (1 - contrast[n]) * gray(image).mean(), 0, 1)
-        if image.shape[-1] == 3:
-            image[:] = np.clip(saturation[n] * image + (1 - saturation[n]) * gray(image)[..., None], 0, 1)
-            for y in range(image.shape[0]):
-                for x in range(image.shape[1]):
-                    h, s, v = colorsys.rgb_to_hsv(*image[y, x])
-                    image[y, x] = colorsys.hsv_to_rgb((h + hue[n]) % 1.0, s, v)
+        for operation in (order[n] if order is not None else range(4)):
+            if operation == 0:
+                image[:] = np.clip(image + brightness[n] if mode == "add" else image * brightness[n], 0, 1)
+            elif operation == 1:
+                image[:] = np.clip(contrast[n] * image + (1 - contrast[n]) * gray(image).mean(), 0, 1)
+            elif operation == 2 and image.shape[-1] == 3:
+                image[:] = np.clip(saturation[n] * image + (1 - saturation[n]) * gray(image)[..., None], 0, 1)
+            elif operation == 3 and image.shape[-1] == 3:
+                for y in range(image.shape[0]):
+                    for x in range(image.shape[1]):
+                        h, s, v = colorsys.rgb_to_hsv(*image[y, x])
+                        image[y, x] = colorsys.hsv_to_rgb((h + hue[n]) % 1.0, s, v)
     return out
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("mode", ["add", "multiply"])
-def test_color_jitter_matches_numpy(rng, channels, mode):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_color_jitter_matches_numpy(rng, channels, mode, ordered):
     images = rng.uniform(size=(6, 5, 4, channels)).astype(np.float32)
     # Extremes included: contrast 0 (the grey mean), saturation 0 (grayscale), hue half a turn.
     brightness = np.array([-0.8, 0.0, 0.3, 0.9, 0.5, 0.1]) if mode == "add" else np.array([0.0, 1.0, 1.8, 0.2, 1.4, 0.6])
     contrast = np.array([0.0, 1.0, 1.8, 0.6, 1.4, 0.9])
     saturation = np.array([1.0, 0.0, 1.8, 0.6, 1.4, 1.1])
     hue = np.array([0.0, 0.5, -0.5, 0.1, -0.2, 0.05])
+    # The fixed order first, then the reverse, then random permutations.
+    order = (np.stack([np.arange(4), np.arange(4)[::-1]] + [rng.permutation(4) for _ in range(4)])
+             if ordered else None)
     got = augment.color_jitter(images, brightness, contrast, saturation if channels == 3 else None,
-                               hue if channels == 3 else None, brightness_mode=mode).numpy()
-    np.testing.assert_allclose(got, numpy_color_jitter(images, brightness, contrast, saturation, hue, mode), atol=2e-5)
+                               hue if channels == 3 else None, brightness_mode=mode, order=order).numpy()
+    np.testing.assert_allclose(got, numpy_color_jitter(images, brightness, contrast, saturation, hue, mode, order),
+                               atol=2e-5)
+
+
+def test_color_jitter_random_order_puts_either_operation_first_half_the_time():
+    """Images of a black and a white pixel: brightness then contrast and contrast then brightness
+    give different images for (almost) every draw, so the share of images equal to the fixed
+    order's (same seed, so the same factors) is the share drawing brightness first."""
+    images = np.tile(np.float32([0.0, 1.0]).reshape(1, 1, 2, 1), (4000, 1, 1, 1))
+    fixed = augment.RandomColorJitter(0.8, 0.8, seed=3)(images).numpy()
+    shuffled = augment.RandomColorJitter(0.8, 0.8, order="random", seed=3)(images).numpy()
+    same = np.isclose(fixed, shuffled, atol=1e-6).all(axis=(1, 2, 3))
+    assert 0.46 <= same.mean() <= 0.54
 
 
 def test_color_jitter_draws_torchvision_ranges():
@@ -303,14 +341,14 @@ def test_contrast_of_other_channel_counts_blends_with_the_channel_mean(rng):
 
 
 @pytest.mark.parametrize("kwargs", [dict(brightness=-0.1), dict(contrast=-1.0), dict(hue=0.6),
-                                    dict(brightness_mode="scale")])
+                                    dict(brightness_mode="scale"), dict(order="shuffled")])
 def test_color_jitter_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match="brightness|contrast|hue"):
+    with pytest.raises(ValueError, match="brightness|contrast|hue|order"):
         augment.RandomColorJitter(**kwargs)
 
 
 def test_color_jitter_round_trips_config():
-    jitter = augment.RandomColorJitter(0.4, 0.3, 0.2, 0.1, brightness_mode="multiply", seed=2)
+    jitter = augment.RandomColorJitter(0.4, 0.3, 0.2, 0.1, brightness_mode="multiply", order="random", seed=2)
     clone = augment.RandomColorJitter.from_config(jitter.get_config())
-    assert (clone.brightness, clone.contrast, clone.saturation, clone.hue, clone.brightness_mode, clone.seed) == (
-        0.4, 0.3, 0.2, 0.1, "multiply", 2)
+    assert (clone.brightness, clone.contrast, clone.saturation, clone.hue, clone.brightness_mode, clone.order,
+            clone.seed) == (0.4, 0.3, 0.2, 0.1, "multiply", "random", 2)

@@ -267,7 +267,7 @@ def test_shipped_flagfiles_resolve_and_validate(runner, flagfile):
     runner.parse_argv(["run.py", f"--flagfile={CONFIGS / flagfile}"])
     config, ignored = runner.resolve_config()
     assert ignored == []
-    assert not runner.brightness_mode_ignored(config)
+    assert runner.colour_flags_ignored(config) == []
     runner.validate(config)
 
 
@@ -302,19 +302,21 @@ def test_each_method_trains_evaluates_and_exports_on_the_quickstart(runner, tmp_
 
     out = tmp_path / method
     # BYOL: another method's flag (reported, not checked), and the PyTorch heads' initialisation;
-    # supervised: a colour flag its augmentation has no use for (reported).
-    extra = {"byol": ["--queue_size=1000", "--head_init=torch"],
-             "supervised": ["--brightness_mode=multiply"]}.get(method, [])
+    # SimCLR: the colour jitter in a random order per image; supervised: the colour flags its
+    # augmentation has no use for (reported).
+    extra = {"byol": ["--queue_size=1000", "--head_init=torch"], "simclr": ["--jitter_order=random"],
+             "supervised": ["--brightness_mode=multiply", "--jitter_order=random"]}.get(method, [])
     runner.execute([f"--flagfile={QUICKSTART}", f"--method={method}", f"--output_dir={out}", "--epochs=2",
                     "--knn_every=0", "--low_shot_draws=1"] + extra)
     printed = capsys.readouterr().out
     if method == "byol":
         assert "--method=byol does not use --queue_size; ignored." in printed
-    assert ("--brightness_mode ignored" in printed) == (method == "supervised")
+    assert ("--brightness_mode, --jitter_order ignored" in printed) == (method == "supervised")
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method
     assert ("queue_size" in config) == (method in ("moco", "swav", "paco"))  # only the method's own flags
     assert config["head_init"] == ("torch" if method == "byol" else "keras")
+    assert config["jitter_order"] == ("random" if method in ("simclr", "supervised") else "fixed")
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == method
     for row in ("encoder", "raw_pixels"):
