@@ -217,11 +217,12 @@ COLOUR_FLAGS = ("brightness_mode", "jitter_order")
 
 def colour_flags_ignored(config):
     """The colour-jitter flags given for a preset without colour jitter."""
+    given = [name for name in COLOUR_FLAGS if FLAGS[name].present]
+    if not given:
+        return []
     from keras_pcl import augment  # here, not at the top: a usage error should not wait for TensorFlow
 
-    if config.augmentation not in augment.COLOURLESS_PRESETS:
-        return []
-    return [name for name in COLOUR_FLAGS if FLAGS[name].present]
+    return given if config.augmentation in augment.COLOURLESS_PRESETS else []
 
 
 def check_output_dir(config):

@@ -404,8 +404,8 @@ class RandomColorJitter(keras.layers.Layer):
         hue = keras.random.uniform([batch], -self.hue, self.hue, seed=self.generator) if self.hue and rgb else None
         contrast = self._factor(batch, self.contrast)
         saturation = self._factor(batch, self.saturation) if rgb else None
-        # Drawn last, so a seed gives the same factors in either order. The ranks of uniform
-        # draws: each of the 24 permutations equally likely.
+        # Drawn last, so a seed gives the same factors in either order. The argsort of i.i.d.
+        # uniforms: each of the 24 permutations equally likely.
         order = (tf.argsort(keras.random.uniform([batch, 4], seed=self.generator), axis=1)
                  if self.order == "random" else None)
         jittered = color_jitter(images, brightness, contrast, saturation, hue, self.brightness_mode, order)
@@ -437,7 +437,7 @@ def blur_kernel_size(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
+def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", *, jitter_order="fixed"):
     """PCL v1 / MoCo v1 augmentation: crop, grayscale 0.2, jitter 0.4 x 4, flip.
 
     Every preset takes the same arguments:
@@ -465,7 +465,7 @@ def pcl_v1(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add",
     )
 
 
-def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
+def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", *, jitter_order="fixed"):
     """PCL v2 / MoCo v2 "aug-plus": crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale 0.2, Gaussian blur sigma in [0.1, 2] p=0.5, flip."""
     return keras.layers.Pipeline(
@@ -477,7 +477,7 @@ def pcl_v2(image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add",
     )
 
 
-def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", blur=True, jitter_order="fixed"):
+def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", blur=True, *, jitter_order="fixed"):
     """SimCLR's augmentation: crop, flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2)
     with p=0.8, grayscale 0.2, Gaussian blur p=0.5 (the ImageNet recipe; `blur=False` is
     its CIFAR form)."""
@@ -489,7 +489,7 @@ def simclr(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add"
     return keras.layers.Pipeline(stack, name="simclr_augment")
 
 
-def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", jitter_order="fixed"):
+def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", *, jitter_order="fixed"):
     """BYOL's two asymmetric view augmentations: both crop, flip, jitter (0.4, 0.4, 0.2, 0.1)
     p=0.8 and grayscale 0.2; view 1 is always blurred and never solarised, view 2 blurred
     with p=0.1 and solarised (threshold 0.5) with p=0.2.
@@ -511,7 +511,7 @@ def byol_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="
 
 
 def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None, large_scale=(0.14, 1.0),
-               small_scale=(0.05, 0.14), preset="simclr", brightness_mode="add", jitter_order="fixed"):
+               small_scale=(0.05, 0.14), preset="simclr", brightness_mode="add", *, jitter_order="fixed"):
     """SwAV's multi-crop: `num_large` views at `image_size` and `num_small` at `small_size`
     (default: 0.56 of the side, as 18 of 32 and 96 of 224 px), each a `preset` augmentation
     (default SimCLR's colour distortion, flip and blur) with its own crop scale.
@@ -535,7 +535,7 @@ def multi_crop(image_size, channels=3, num_large=2, num_small=6, small_size=None
     return views
 
 
-def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", jitter_order="fixed"):
+def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", *, jitter_order="fixed"):
     """The supervised baselines' augmentation: random resized crop and horizontal flip (no colour)."""
     del channels, brightness_mode, jitter_order
     return keras.layers.Pipeline([RandomResizedCrop(image_size, image_size, scale=crop_scale),
@@ -543,7 +543,7 @@ def crop_flip(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="a
 
 
 def paco_views(image_size, channels=3, crop_scale=(0.08, 1.0), brightness_mode="add", num_ops=2, magnitude=10.0,
-               magnitude_std=0.5, fill_value=0.5, jitter_order="fixed"):
+               magnitude_std=0.5, fill_value=0.5, *, jitter_order="fixed"):
     """PaCo's two views (its ImageNet-LT recipe): a strong query view (crop, flip, colour jitter
     (0.4, 0.4, 0.4, 0) always, then timm's RandAugment `rand-n2-m10-mstd0.5`, per image:
     `RandAugment(num_ops, magnitude, magnitude_std, fill_value=fill_value)`) and a MoCo v2 key
@@ -573,7 +573,7 @@ VIEW_PRESETS = {"byol": byol_views, "paco": paco_views}  # a different augmentat
 COLOURLESS_PRESETS = frozenset({"crop_flip"})
 
 
-def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", jitter_order="fixed"):
+def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_mode="add", *, jitter_order="fixed"):
     """Looks up a one-augmentation preset by name: one of `PRESETS`."""
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS)}.")
@@ -581,7 +581,7 @@ def get_preset(name, image_size, channels=3, crop_scale=(0.2, 1.0), brightness_m
 
 
 def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_views=2, brightness_mode="add",
-                       jitter_order="fixed"):
+                       *, jitter_order="fixed"):
     """The augmentation of each of `num_views` views for a preset: the same layer for
     every view (one of `PRESETS`), or a different one per view (`VIEW_PRESETS`: BYOL's two
     asymmetric ones, PaCo's strong query and MoCo v2 key)."""
@@ -591,4 +591,5 @@ def view_augmentations(name, image_size, channels=3, crop_scale=(0.2, 1.0), num_
         return VIEW_PRESETS[name](image_size, channels, crop_scale, brightness_mode, jitter_order=jitter_order)
     if name not in PRESETS:
         raise InvalidInputError(f"unknown augmentation {name!r}; choose one of {sorted(PRESETS) + sorted(VIEW_PRESETS)}.")
-    return [get_preset(name, image_size, channels, crop_scale, brightness_mode, jitter_order)] * num_views
+    preset = get_preset(name, image_size, channels, crop_scale, brightness_mode, jitter_order=jitter_order)
+    return [preset] * num_views

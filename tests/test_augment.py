@@ -198,14 +198,15 @@ def test_colourless_presets_are_declared(name):
 @pytest.mark.parametrize("name", sorted((set(augment.PRESETS) | set(augment.VIEW_PRESETS) | {"multi_crop"})
                                         - augment.COLOURLESS_PRESETS))
 def test_presets_jitter_order_reaches_every_jitter(name):
-    for order in ("fixed", "random"):
+    """Every colour jitter a preset builds takes its jitter_order; left out, the fixed order."""
+    def views(**order):
         if name == "multi_crop":
-            views = augment.multi_crop(8, 3, num_small=1, small_size=4, jitter_order=order)
-        else:
-            views = augment.view_augmentations(name, 8, 3, (0.5, 1.0), jitter_order=order)
-        assert {jitter.order for jitter in jitters_of(views)} == {order}
-    assert {jitter.order for jitter in jitters_of(augment.view_augmentations(name if name != "multi_crop" else
-                                                                                "simclr", 8, 3))} == {"fixed"}
+            return augment.multi_crop(8, 3, num_small=1, small_size=4, **order)
+        return augment.view_augmentations(name, 8, 3, (0.5, 1.0), **order)
+
+    for order in ("fixed", "random"):
+        assert {jitter.order for jitter in jitters_of(views(jitter_order=order))} == {order}
+    assert {jitter.order for jitter in jitters_of(views())} == {"fixed"}
 
 
 def test_blur_round_trips_config():
@@ -287,8 +288,9 @@ def test_color_jitter_matches_numpy(rng, channels, mode, ordered):
     contrast = np.array([0.0, 1.0, 1.8, 0.6, 1.4, 0.9])
     saturation = np.array([1.0, 0.0, 1.8, 0.6, 1.4, 1.1])
     hue = np.array([0.0, 0.5, -0.5, 0.1, -0.2, 0.05])
-    # The fixed order first, then the reverse, then random permutations.
-    order = (np.stack([np.arange(4), np.arange(4)[::-1]] + [rng.permutation(4) for _ in range(4)])
+    # The fixed order, its reverse, a 4-cycle (not its own inverse, so reading a row as each
+    # operation's step would fail), then random permutations.
+    order = (np.stack([np.arange(4), np.arange(4)[::-1], [1, 2, 3, 0]] + [rng.permutation(4) for _ in range(3)])
              if ordered else None)
     got = augment.color_jitter(images, brightness, contrast, saturation if channels == 3 else None,
                                hue if channels == 3 else None, brightness_mode=mode, order=order).numpy()
