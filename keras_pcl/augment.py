@@ -326,13 +326,15 @@ def color_jitter(images, brightness=None, contrast=None, saturation=None, hue=No
             if operation is not None:
                 x = operation(x)
         return x
-    # Each step applies every operation to the whole batch and keeps it for the images whose
-    # order puts it there: per-image orders at (number of operations) times the fixed order's work.
-    order = tf.convert_to_tensor(order)
-    for step in range(len(operations)):
-        for index, operation in enumerate(operations):
-            if operation is not None:
-                x = tf.where(tf.reshape(tf.equal(order[:, step], index), [-1, 1, 1, 1]), operation(x), x)
+    # Only the operations given take part: each image's order among them (the steps of the
+    # missing ones dropped). Each step applies every such operation to the whole batch and keeps
+    # it for the images whose order puts it there: n operations cost n times the fixed order's work.
+    present = [index for index, operation in enumerate(operations) if operation is not None]
+    step_of = tf.gather(tf.argsort(tf.convert_to_tensor(order), axis=1), present, axis=1)
+    among = tf.argsort(step_of, axis=1)  # each step's position in `present`
+    for step in range(len(present)):
+        for position, index in enumerate(present):
+            x = tf.where(tf.reshape(tf.equal(among[:, step], position), [-1, 1, 1, 1]), operations[index](x), x)
     return x
 
 
