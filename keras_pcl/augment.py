@@ -4,6 +4,9 @@ All layers take batches of float images in `[0, 1]`, shape `[B, H, W, C]`,
 and run inside `tf.data` (the TF backend) or in a model.
 """
 
+import math
+import numbers
+
 import keras
 import tensorflow as tf
 
@@ -18,14 +21,20 @@ class RandomResizedCrop(keras.layers.Layer):
     """Crops a random area and aspect ratio of each image, resized to a fixed size.
 
     The torchvision/Inception crop: area fraction drawn uniformly from
-    `scale`, log aspect ratio uniformly from `log(ratio)`; boxes that fall
-    outside the image are shrunk to fit. One box per image, drawn on device.
+    `scale`, log aspect ratio (width / height, in pixels) uniformly from
+    `log(ratio)`; a box that does not fit in the image is drawn again, up to
+    `attempts` times, and if none fits the crop is the image's centre at the
+    nearest ratio in range (torchvision's `RandomResizedCrop.get_params`, with
+    the sides not rounded to whole pixels). Redrawing rather than shrinking
+    the box matters: shrinking makes crops larger than `scale` says and bends
+    their aspect ratio out of `ratio`. One box per image, drawn on device.
 
     Args:
         height, width: output size.
         scale: `(min, max)` fraction of the image area to keep, `0 < min <= max <= 1`.
         ratio: `(min, max)` aspect ratio (width / height) of the crop.
         interpolation: "bilinear" or "nearest".
+        attempts: draws per image before the centre crop (torchvision: 10).
         seed: optional int for reproducible crops.
 
     Example:
@@ -35,7 +44,7 @@ class RandomResizedCrop(keras.layers.Layer):
     """
 
     def __init__(self, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 interpolation="bilinear", seed=None, **kwargs):
+                 interpolation="bilinear", attempts=10, seed=None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < scale[0] <= scale[1] <= 1:
             raise InvalidInputError(f"scale must satisfy 0 < min <= max <= 1, got {scale}.")
@@ -43,6 +52,9 @@ class RandomResizedCrop(keras.layers.Layer):
             raise InvalidInputError(f"ratio must satisfy 0 < min <= max, got {ratio}.")
         if interpolation not in ("bilinear", "nearest"):
             raise InvalidInputError(f'interpolation must be "bilinear" or "nearest", got {interpolation!r}.')
+        if isinstance(attempts, bool) or not isinstance(attempts, numbers.Integral) or attempts < 1:
+            raise InvalidInputError(f"attempts must be a positive integer, got {attempts!r}.")
+        self.attempts = int(attempts)
         self.height, self.width = int(height), int(width)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation, self.seed = interpolation, seed
@@ -58,18 +70,10 @@ class RandomResizedCrop(keras.layers.Layer):
         batch = tf.shape(images)[0]
         if not training:
             return tf.image.resize(images, [self.height, self.width], method=self.interpolation)
-        area = self._uniform([batch], self.scale[0], self.scale[1])
-        log_ratio = self._uniform(
-            [batch], tf.math.log(self.ratio[0]), tf.math.log(self.ratio[1])
-        )
-        ratio = tf.exp(log_ratio)
-        # Box sides as fractions of the image: w * h = area, w / h = ratio
-        # (in relative units, which is exact for square images).
-        crop_w = tf.minimum(tf.sqrt(area * ratio), 1.0)
-        crop_h = tf.minimum(tf.sqrt(area / ratio), 1.0)
-        y0 = self._uniform([batch], 0.0, 1.0) * (1.0 - crop_h)
-        x0 = self._uniform([batch], 0.0, 1.0) * (1.0 - crop_w)
-        boxes = tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
+        shape = tf.cast(tf.shape(images)[1:3], tf.float32)
+        draws = self._uniform([batch, self.attempts, 2], 0.0, 1.0)
+        offsets = self._uniform([batch, 2], 0.0, 1.0)
+        boxes = inception_crop_boxes(draws, offsets, shape[1] / shape[0], self.scale, self.ratio)
         crops = tf.image.crop_and_resize(
             tf.cast(images, tf.float32), boxes, tf.range(batch), [self.height, self.width],
             method=self.interpolation,
@@ -82,8 +86,47 @@ class RandomResizedCrop(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(height=self.height, width=self.width, scale=self.scale, ratio=self.ratio,
-                      interpolation=self.interpolation, seed=self.seed)
+                      interpolation=self.interpolation, attempts=self.attempts, seed=self.seed)
         return config
+
+
+def inception_crop_boxes(draws, offsets, aspect, scale, ratio):
+    """RandomResizedCrop's boxes from uniform draws, as `tf.image.crop_and_resize` takes them.
+
+    Args:
+        draws: `[B, attempts, 2]` uniforms in [0, 1): per attempt, the area
+            fraction's and the log aspect ratio's position in their ranges.
+        offsets: `[B, 2]` uniforms: the box's position along y and x in the
+            room left around it.
+        aspect: the images' width / height (pixels).
+        scale, ratio: as `RandomResizedCrop`.
+
+    Returns `[B, 4]` boxes `(y0, x0, y1, x1)` in fractions of the image: the
+    first attempt that fits, else the centre crop at the ratio nearest the
+    image's own.
+    """
+    draws = tf.convert_to_tensor(draws, tf.float32)
+    aspect = tf.cast(aspect, tf.float32)
+    area = scale[0] + (scale[1] - scale[0]) * draws[..., 0]
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    box_ratio = tf.exp(log_low + (log_high - log_low) * draws[..., 1])
+    # Sides as fractions of the image: w_px * h_px = area * H * W and w_px / h_px = box_ratio.
+    crop_w = tf.sqrt(area * box_ratio / aspect)
+    crop_h = tf.sqrt(area * aspect / box_ratio)
+    fits = tf.logical_and(crop_w <= 1.0, crop_h <= 1.0)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    found = tf.reduce_any(fits, axis=1)
+    crop_w = tf.gather(crop_w, first, axis=1, batch_dims=1)
+    crop_h = tf.gather(crop_h, first, axis=1, batch_dims=1)
+    # torchvision's fallback: the whole image, narrowed to the ratio range's nearest end.
+    centre_w = tf.where(aspect > ratio[1], ratio[1] / aspect, 1.0)
+    centre_h = tf.where(aspect < ratio[0], aspect / ratio[0], 1.0)
+    crop_w = tf.where(found, crop_w, centre_w)
+    crop_h = tf.where(found, crop_h, centre_h)
+    offsets = tf.where(found[:, None], tf.convert_to_tensor(offsets, tf.float32), 0.5)
+    y0 = offsets[:, 0] * (1.0 - crop_h)
+    x0 = offsets[:, 1] * (1.0 - crop_w)
+    return tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
 
 
 def _select_per_image(rate, generator, transformed, images):

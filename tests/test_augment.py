@@ -36,7 +36,60 @@ def test_crop_output_shape_and_inference_mode(rng):
     np.testing.assert_allclose(crop(images, training=False), tf.image.resize(images, [8, 8]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)), dict(ratio=(2.0, 1.0))])
+def numpy_inception_box(draws, offset, height, width, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, one image at a time, on given draws (sides unrounded)."""
+    for area_draw, ratio_draw in draws:
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * area_draw)
+        box_ratio = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * ratio_draw)
+        w, h = np.sqrt(area * box_ratio), np.sqrt(area / box_ratio)
+        if 0 < w <= width and 0 < h <= height:
+            top, left = offset[0] * (height - h), offset[1] * (width - w)
+            return np.array([top / height, left / width, (top + h) / height, (left + w) / width])
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, width / min(ratio)
+    elif in_ratio > max(ratio):
+        w, h = height * max(ratio), height
+    else:
+        w, h = width, height
+    top, left = (height - h) / 2, (width - w) / 2
+    return np.array([top / height, left / width, (top + h) / height, (left + w) / width])
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", [
+    (28, 28, (0.2, 1.0), (3 / 4, 4 / 3)),
+    (20, 36, (0.08, 1.0), (3 / 4, 4 / 3)),   # wider than any ratio: the fallback narrows the width
+    (40, 10, (0.5, 1.0), (0.5, 2.0)),         # taller than any ratio: the fallback shortens the height
+    (16, 16, (0.9, 1.0), (0.25, 4.0)),        # few draws fit: many images take the centre crop
+    (16, 16, (1.0, 1.0), (1.0, 1.0)),         # every draw is the whole image
+])
+def test_crop_boxes_match_torchvision_loop(rng, height, width, scale, ratio):
+    draws = rng.uniform(size=(300, 10, 2)).astype(np.float32)
+    offsets = rng.uniform(size=(300, 2)).astype(np.float32)
+    boxes = augment.inception_crop_boxes(draws, offsets, width / height, scale, ratio).numpy()
+    expected = np.stack([numpy_inception_box(d, o, height, width, scale, ratio) for d, o in zip(draws, offsets)])
+    np.testing.assert_allclose(boxes, expected, atol=2e-6)
+    assert boxes.min() >= -1e-6 and boxes.max() <= 1 + 1e-6
+
+
+def test_crop_redraws_boxes_that_do_not_fit():
+    """The layer's crops have torchvision's area distribution (boxes redrawn), not the shrunk boxes' larger one."""
+    ramp_x = np.tile(np.linspace(0, 1, 101, dtype=np.float32)[None, :, None], (101, 1, 1))
+    images = np.concatenate([ramp_x, ramp_x.transpose(1, 0, 2)], axis=-1)[None].repeat(4000, axis=0)
+    crop = augment.RandomResizedCrop(8, 8, scale=(0.2, 1.0), seed=0)
+    out = crop(images).numpy()
+    area = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * (out[:, -1, 0, 1] - out[:, 0, 0, 1])
+    rng = np.random.default_rng(0)
+    reference = [np.prod(np.diff(numpy_inception_box(rng.uniform(size=(10, 2)), rng.uniform(size=2), 101, 101,
+                                                     (0.2, 1.0), (3 / 4, 4 / 3)).reshape(2, 2), axis=0))
+                 for _ in range(4000)]
+    assert abs(area.mean() - np.mean(reference)) < 0.01  # 0.55; shrinking the boxes gives 0.59
+    sides = np.log((out[:, 0, -1, 0] - out[:, 0, 0, 0]) / (out[:, -1, 0, 1] - out[:, 0, 0, 1]))
+    assert np.abs(sides).max() <= np.log(4 / 3) + 1e-3  # no box bent outside the ratio range
+
+
+@pytest.mark.parametrize("kwargs", [dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)), dict(ratio=(2.0, 1.0)),
+                                    dict(attempts=0), dict(attempts=2.5)])
 def test_crop_rejects_bad_ranges(kwargs):
     with pytest.raises(ValueError):
         augment.RandomResizedCrop(8, 8, **kwargs)
@@ -82,9 +135,10 @@ def test_unknown_preset():
 
 
 def test_layers_round_trip_config():
-    crop = augment.RandomResizedCrop(10, 12, scale=(0.3, 0.9), ratio=(0.5, 2.0), seed=3)
+    crop = augment.RandomResizedCrop(10, 12, scale=(0.3, 0.9), ratio=(0.5, 2.0), attempts=4, seed=3)
     clone = augment.RandomResizedCrop.from_config(crop.get_config())
-    assert (clone.height, clone.width, clone.scale, clone.ratio, clone.seed) == (10, 12, (0.3, 0.9), (0.5, 2.0), 3)
+    assert (clone.height, clone.width, clone.scale, clone.ratio, clone.attempts, clone.seed) == (
+        10, 12, (0.3, 0.9), (0.5, 2.0), 4, 3)
     apply = augment.RandomApply(keras.layers.RandomFlip("horizontal"), 0.4)
     clone = augment.RandomApply.from_config(apply.get_config())
     assert clone.rate == 0.4 and isinstance(clone.layer, keras.layers.RandomFlip)
