@@ -22,8 +22,8 @@ class RandomResizedCrop(keras.layers.Layer):
 
     The torchvision/Inception crop: area fraction drawn uniformly from
     `scale`, log aspect ratio (width / height, in pixels) uniformly from
-    `log(ratio)`; a box that does not fit in the image is drawn again, up to
-    `attempts` times, and if none fits the crop is the image's centre at the
+    `log(ratio)`; a box that does not fit in the image is drawn again (up to
+    `attempts` draws in all), and if none fits the crop is the image's centre at the
     nearest ratio in range (torchvision's `RandomResizedCrop.get_params`, with
     the sides not rounded to whole pixels). Redrawing rather than shrinking
     the box matters: shrinking makes crops larger than `scale` says and bends
@@ -105,8 +105,9 @@ def inception_crop_boxes(draws, offsets, aspect, scale, ratio):
     first attempt that fits, else the centre crop at the ratio nearest the
     image's own.
     """
-    draws = tf.convert_to_tensor(draws, tf.float32)
+    draws = tf.cast(draws, tf.float32)
     aspect = tf.cast(aspect, tf.float32)
+    low, high = min(ratio), max(ratio)
     area = scale[0] + (scale[1] - scale[0]) * draws[..., 0]
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     box_ratio = tf.exp(log_low + (log_high - log_low) * draws[..., 1])
@@ -119,11 +120,11 @@ def inception_crop_boxes(draws, offsets, aspect, scale, ratio):
     crop_w = tf.gather(crop_w, first, axis=1, batch_dims=1)
     crop_h = tf.gather(crop_h, first, axis=1, batch_dims=1)
     # torchvision's fallback: the whole image, narrowed to the ratio range's nearest end.
-    centre_w = tf.where(aspect > ratio[1], ratio[1] / aspect, 1.0)
-    centre_h = tf.where(aspect < ratio[0], aspect / ratio[0], 1.0)
+    centre_w = tf.where(aspect > high, high / aspect, 1.0)
+    centre_h = tf.where(aspect < low, aspect / low, 1.0)
     crop_w = tf.where(found, crop_w, centre_w)
     crop_h = tf.where(found, crop_h, centre_h)
-    offsets = tf.where(found[:, None], tf.convert_to_tensor(offsets, tf.float32), 0.5)
+    offsets = tf.where(found[:, None], tf.cast(offsets, tf.float32), 0.5)
     y0 = offsets[:, 0] * (1.0 - crop_h)
     x0 = offsets[:, 1] * (1.0 - crop_w)
     return tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
