@@ -62,17 +62,14 @@ class RandomResizedCrop(keras.layers.Layer):
         # variable, so keras_pcl.data can reseed every layer of a pipeline per batch.
         self.generator = keras.random.SeedGenerator(seed)
 
-    def _uniform(self, shape, low, high):
-        return keras.random.uniform(shape, low, high, seed=self.generator)
-
     def call(self, images, training=True):
         images = tf.convert_to_tensor(images)
         batch = tf.shape(images)[0]
         if not training:
             return tf.image.resize(images, [self.height, self.width], method=self.interpolation)
         shape = tf.cast(tf.shape(images)[1:3], tf.float32)
-        draws = self._uniform([batch, self.attempts, 2], 0.0, 1.0)
-        offsets = self._uniform([batch, 2], 0.0, 1.0)
+        draws = keras.random.uniform([batch, self.attempts, 2], seed=self.generator)
+        offsets = keras.random.uniform([batch, 2], seed=self.generator)
         boxes = inception_crop_boxes(draws, offsets, shape[1] / shape[0], self.scale, self.ratio)
         crops = tf.image.crop_and_resize(
             tf.cast(images, tf.float32), boxes, tf.range(batch), [self.height, self.width],
