@@ -16,13 +16,23 @@ def test_full_crop_is_a_resize(rng):
     np.testing.assert_allclose(crop(images).numpy(), images, atol=1e-5)
 
 
+def ramp_images(count, height, width):
+    """Channel 0 rises from 0 to 1 left to right, channel 1 top to bottom: a crop's corners read its box."""
+    x = np.tile(np.linspace(0, 1, width, dtype=np.float32)[None, :, None], (height, 1, 1))
+    y = np.tile(np.linspace(0, 1, height, dtype=np.float32)[:, None, None], (1, width, 1))
+    return np.concatenate([x, y], axis=-1)[None].repeat(count, axis=0)
+
+
+def box_sides(crops):
+    """Width and height of each crop of `ramp_images`, as fractions of the image."""
+    return crops[:, 0, -1, 0] - crops[:, 0, 0, 0], crops[:, -1, 0, 1] - crops[:, 0, 0, 1]
+
+
 def test_crop_area_follows_scale():
     """A crop of a horizontal ramp spans a fraction of its range set by the crop width."""
-    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32)[None, :, None], (64, 1, 1))
-    images = np.repeat(ramp[None], 256, axis=0)
     crop = augment.RandomResizedCrop(32, 32, scale=(0.25, 0.25), ratio=(1.0, 1.0), seed=1)
-    out = crop(images).numpy()
-    spans = out[:, 0, -1, 0] - out[:, 0, 0, 0]  # width fraction of each crop, about 0.5
+    out = crop(ramp_images(256, 64, 64)).numpy()
+    spans, _ = box_sides(out)  # width fraction of each crop, about 0.5
     assert spans.shape == (256,)
     np.testing.assert_allclose(spans, 0.5, atol=0.05)
     starts = out[:, 0, 0, 0]
@@ -75,29 +85,22 @@ def test_crop_boxes_match_torchvision_loop(rng, height, width, scale, ratio):
 
 def test_crop_redraws_boxes_that_do_not_fit():
     """The layer's crops have torchvision's area distribution (boxes redrawn), not the shrunk boxes' larger one."""
-    ramp_x = np.tile(np.linspace(0, 1, 101, dtype=np.float32)[None, :, None], (101, 1, 1))
-    images = np.concatenate([ramp_x, ramp_x.transpose(1, 0, 2)], axis=-1)[None].repeat(4000, axis=0)
     crop = augment.RandomResizedCrop(8, 8, scale=(0.2, 1.0), seed=0)
-    out = crop(images).numpy()
-    area = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * (out[:, -1, 0, 1] - out[:, 0, 0, 1])
+    width, height = box_sides(crop(ramp_images(4000, 101, 101)).numpy())
+    area = width * height
     rng = np.random.default_rng(0)
     reference = [np.prod(np.diff(numpy_inception_box(rng.uniform(size=(10, 2)), rng.uniform(size=2), 101, 101,
                                                      (0.2, 1.0), (3 / 4, 4 / 3)).reshape(2, 2), axis=0))
                  for _ in range(4000)]
     assert abs(area.mean() - np.mean(reference)) < 0.02  # about 0.54; shrinking the boxes gives 0.59
-    sides = np.log((out[:, 0, -1, 0] - out[:, 0, 0, 0]) / (out[:, -1, 0, 1] - out[:, 0, 0, 1]))
-    assert np.abs(sides).max() <= np.log(4 / 3) + 1e-3  # no box bent outside the ratio range
+    assert np.abs(np.log(width / height)).max() <= np.log(4 / 3) + 1e-3  # no box bent outside the ratio range
 
 
 @pytest.mark.parametrize("height, width", [(24, 96), (96, 24)])
 def test_crop_ratio_is_in_pixels(height, width):
     """On a non-square image a ratio-1 crop is square in pixels, so its sides are unequal fractions of the image."""
-    ramp_x = np.tile(np.linspace(0, 1, width, dtype=np.float32)[None, :, None], (height, 1, 1))
-    ramp_y = np.tile(np.linspace(0, 1, height, dtype=np.float32)[:, None, None], (1, width, 1))
-    images = np.concatenate([ramp_x, ramp_y], axis=-1)[None].repeat(64, axis=0)
-    out = augment.RandomResizedCrop(6, 6, scale=(0.05, 0.2), ratio=(1.0, 1.0), seed=0)(images).numpy()
-    width_fraction = out[:, 0, -1, 0] - out[:, 0, 0, 0]
-    height_fraction = out[:, -1, 0, 1] - out[:, 0, 0, 1]
+    crop = augment.RandomResizedCrop(6, 6, scale=(0.05, 0.2), ratio=(1.0, 1.0), seed=0)
+    width_fraction, height_fraction = box_sides(crop(ramp_images(64, height, width)).numpy())
     np.testing.assert_allclose(width_fraction / height_fraction, height / width, rtol=1e-3)
 
 
