@@ -31,10 +31,11 @@ its SwAV prototypes have a bias (keras_pcl's and the paper's do not; Sinkhorn's 
 brightness where keras_pcl's presets add (the SimCLR and BYOL papers' form; SwAV's flagfile
 multiplies too, `--brightness_mode=multiply`) and applies its
 four operations in a random order where keras_pcl's flagfiles keep one (`--jitter_order=random`
-shuffles them too); torchvision's RandomResizedCrop rounds its box to whole pixels and
-resizes with half-pixel centres, keras_pcl's keeps fractional boxes sampled corner to corner
-(both redraw a box that does not fit; keras_pcl shrank it before `0944841`, which made its
-crops larger); augmentation per image in one DataLoader worker (the
+shuffles them too); the crops are torchvision's on both sides (whole-pixel boxes, redrawn when
+they do not fit, resized with half-pixel centres) except that keras_pcl does not antialias a
+box resized down, which no crop of these 28-pixel recipes is (keras_pcl shrank a box that did
+not fit before `0944841`, which made its crops larger, and kept fractional boxes sampled corner
+to corner until it took torchvision's whole pixels); augmentation per image in one DataLoader worker (the
 usual torchvision way) against keras_pcl's batched tf.data pipeline.
 
 A stopped run resumes: every epoch ends with `<out>/checkpoint.pt` (weights, momentum

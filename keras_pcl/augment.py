@@ -22,12 +22,15 @@ class RandomResizedCrop(keras.layers.Layer):
 
     The torchvision/Inception crop: area fraction drawn uniformly from
     `scale`, log aspect ratio (width / height, in pixels) uniformly from
-    `log(ratio)`; a box that does not fit in the image is drawn again (up to
-    `attempts` draws in all), and if none fits the crop is the image's centre at the
-    nearest ratio in range (torchvision's `RandomResizedCrop.get_params`, with
-    the sides not rounded to whole pixels). Redrawing rather than shrinking
-    the box matters: shrinking makes crops larger than `scale` says and bends
-    their aspect ratio out of `ratio`. One box per image, drawn on device.
+    `log(ratio)`, sides rounded to whole pixels; a box that does not fit in
+    the image is drawn again (up to `attempts` draws in all), and if none fits
+    the crop is the image's centre at the nearest ratio in range; the box
+    sits at a random whole-pixel position (`inception_crop_boxes`, torchvision's
+    `RandomResizedCrop.get_params`) and is resized as torchvision resizes,
+    pixel centres at half-pixel offsets, edges clamped (`resized_crops`).
+    Redrawing rather than shrinking the box matters: shrinking makes crops
+    larger than `scale` says and bends their aspect ratio out of `ratio`.
+    One box per image, drawn on device.
 
     Args:
         height, width: output size.
@@ -67,14 +70,10 @@ class RandomResizedCrop(keras.layers.Layer):
         batch = tf.shape(images)[0]
         if not training:
             return tf.image.resize(images, [self.height, self.width], method=self.interpolation)
-        shape = tf.cast(tf.shape(images)[1:3], tf.float32)
         draws = keras.random.uniform([batch, self.attempts, 2], seed=self.generator)
         offsets = keras.random.uniform([batch, 2], seed=self.generator)
-        boxes = inception_crop_boxes(draws, offsets, shape[1] / shape[0], self.scale, self.ratio)
-        crops = tf.image.crop_and_resize(
-            tf.cast(images, tf.float32), boxes, tf.range(batch), [self.height, self.width],
-            method=self.interpolation,
-        )
+        boxes = inception_crop_boxes(draws, offsets, tf.shape(images)[1], tf.shape(images)[2], self.scale, self.ratio)
+        crops = resized_crops(images, boxes, self.height, self.width, self.interpolation)
         return tf.cast(crops, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -87,44 +86,90 @@ class RandomResizedCrop(keras.layers.Layer):
         return config
 
 
-def inception_crop_boxes(draws, offsets, aspect, scale, ratio):
-    """RandomResizedCrop's boxes from uniform draws, as `tf.image.crop_and_resize` takes them.
+def inception_crop_boxes(draws, offsets, height, width, scale, ratio):
+    """RandomResizedCrop's boxes in whole pixels from uniform draws: torchvision's `get_params`.
 
     Args:
         draws: `[B, attempts, 2]` uniforms in [0, 1): per attempt, the area
             fraction's and the log aspect ratio's position in their ranges.
-        offsets: `[B, 2]` uniforms: the box's position along y and x in the
-            room left around it.
-        aspect: the images' width / height (pixels).
+        offsets: `[B, 2]` uniforms in [0, 1): the box's position along y and x
+            among the whole-pixel positions it can take.
+        height, width: the images' size in pixels.
         scale, ratio: as `RandomResizedCrop`.
 
-    Returns `[B, 4]` boxes `(y0, x0, y1, x1)` in fractions of the image: the
-    first attempt that fits, else the centre crop at the ratio nearest the
-    image's own.
+    Returns `[B, 4]` int32 boxes `(top, left, box_height, box_width)` in
+    pixels: the first attempt whose rounded sides fit, else the centre crop
+    at the ratio nearest the image's own.
     """
-    draws = tf.cast(draws, tf.float32)
-    aspect = tf.cast(aspect, tf.float32)
-    low, high = min(ratio), max(ratio)
-    area = scale[0] + (scale[1] - scale[0]) * draws[..., 0]
+    # float64 as torchvision's Python floats, so the sides round as its do.
+    draws = tf.cast(draws, tf.float64)
+    height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     box_ratio = tf.exp(log_low + (log_high - log_low) * draws[..., 1])
-    # Sides as fractions of the image: w_px * h_px = area * H * W and w_px / h_px = box_ratio.
-    crop_w = tf.sqrt(area * box_ratio / aspect)
-    crop_h = tf.sqrt(area * aspect / box_ratio)
-    fits = tf.logical_and(crop_w <= 1.0, crop_h <= 1.0)
+    box_w = tf.round(tf.sqrt(area * box_ratio))  # round half to even, as Python's round
+    box_h = tf.round(tf.sqrt(area / box_ratio))
+    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
     first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     found = tf.reduce_any(fits, axis=1)
-    crop_w = tf.gather(crop_w, first, axis=1, batch_dims=1)
-    crop_h = tf.gather(crop_h, first, axis=1, batch_dims=1)
-    # torchvision's fallback: the whole image, narrowed to the ratio range's nearest end.
-    centre_w = tf.where(aspect > high, high / aspect, 1.0)
-    centre_h = tf.where(aspect < low, aspect / low, 1.0)
-    crop_w = tf.where(found, crop_w, centre_w)
-    crop_h = tf.where(found, crop_h, centre_h)
-    offsets = tf.where(found[:, None], tf.cast(offsets, tf.float32), 0.5)
-    y0 = offsets[:, 0] * (1.0 - crop_h)
-    x0 = offsets[:, 1] * (1.0 - crop_w)
-    return tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
+    box_w = tf.gather(box_w, first, axis=1, batch_dims=1)
+    box_h = tf.gather(box_h, first, axis=1, batch_dims=1)
+    offsets = tf.cast(offsets, tf.float64)
+    # torch.randint(0, room + 1): each whole-pixel position equally likely.
+    top = tf.minimum(tf.floor(offsets[:, 0] * (height - box_h + 1)), height - box_h)
+    left = tf.minimum(tf.floor(offsets[:, 1] * (width - box_w + 1)), width - box_w)
+    # torchvision's fallback: the whole image, narrowed to the ratio range's nearest end, centred.
+    low, high = min(ratio), max(ratio)
+    in_ratio = width / height
+    centre_w = tf.where(in_ratio > high, tf.round(height * high), width)
+    centre_h = tf.where(in_ratio < low, tf.round(width / low), height)
+    box_w = tf.where(found, box_w, centre_w)
+    box_h = tf.where(found, box_h, centre_h)
+    top = tf.where(found, top, tf.floor((height - box_h) / 2))
+    left = tf.where(found, left, tf.floor((width - box_w) / 2))
+    return tf.cast(tf.stack([top, left, box_h, box_w], axis=1), tf.int32)
+
+
+def resized_crops(images, boxes, height, width, interpolation="bilinear"):
+    """Each image's pixel box resized to `[height, width]`, sampled as torchvision resizes a crop.
+
+    Output pixel `k` reads the box at `(k + 0.5) * box_side / side - 0.5`
+    (pixel centres at half-pixel offsets, PyTorch's `align_corners=False`),
+    clamped to the box, so no pixel outside it leaks in; "nearest" reads
+    pixel `floor(k * box_side / side)`, torch's legacy nearest. Resizing down
+    does not low-pass first (torchvision's antialias does): equal for crops
+    resized up, as on 28-pixel data.
+
+    Args:
+        images: `[B, H, W, C]`.
+        boxes: `[B, 4]` ints `(top, left, box_height, box_width)`, as
+            `inception_crop_boxes` returns them.
+        height, width: output size.
+        interpolation: "bilinear" or "nearest".
+
+    Returns:
+        `[B, height, width, C]` float32.
+    """
+    images = tf.cast(images, tf.float32)
+    boxes = tf.cast(boxes, tf.int32)
+
+    def resize_axis(x, start, side, size, axis):
+        # Separable: along one axis, each image gathers its own rows (or columns).
+        k = tf.range(size, dtype=tf.float32)[None, :]
+        side_f = tf.cast(side, tf.float32)[:, None]
+        if interpolation == "nearest":
+            index = tf.minimum(tf.cast(tf.floor(k * side_f / size), tf.int32), side[:, None] - 1)
+            return tf.gather(x, start[:, None] + index, axis=axis, batch_dims=1)
+        source = tf.maximum((k + 0.5) * side_f / size - 0.5, 0.0)
+        low = tf.minimum(tf.cast(tf.floor(source), tf.int32), side[:, None] - 1)
+        high = tf.minimum(low + 1, side[:, None] - 1)
+        weight = source - tf.cast(low, tf.float32)
+        weight = tf.reshape(weight, [-1] + [1] * (axis - 1) + [size] + [1] * (3 - axis))
+        return ((1.0 - weight) * tf.gather(x, start[:, None] + low, axis=axis, batch_dims=1)
+                + weight * tf.gather(x, start[:, None] + high, axis=axis, batch_dims=1))
+
+    rows = resize_axis(images, boxes[:, 0], boxes[:, 2], height, axis=1)
+    return resize_axis(rows, boxes[:, 1], boxes[:, 3], width, axis=2)
 
 
 def _select_per_image(rate, generator, transformed, images):

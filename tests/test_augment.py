@@ -23,20 +23,26 @@ def ramp_images(count, height, width):
     return np.concatenate([x, y], axis=-1)[None].repeat(count, axis=0)
 
 
-def box_sides(crops):
-    """Width and height of each crop of `ramp_images`, as fractions of the image."""
-    return crops[:, 0, -1, 0] - crops[:, 0, 0, 0], crops[:, -1, 0, 1] - crops[:, 0, 0, 1]
+def box_sides(crops, height, width):
+    """Width and height in pixels of each crop of `ramp_images(_, height, width)`, resized down or to its size.
+
+    torchvision's grid puts the first and last of n samples (n - 1) / n of the box apart.
+    """
+    out_h, out_w = crops.shape[1:3]
+    return ((crops[:, 0, -1, 0] - crops[:, 0, 0, 0]) * (width - 1) * out_w / (out_w - 1),
+            (crops[:, -1, 0, 1] - crops[:, 0, 0, 1]) * (height - 1) * out_h / (out_h - 1))
 
 
 def test_crop_area_follows_scale():
-    """A crop of a horizontal ramp spans a fraction of its range set by the crop width."""
+    """Crops of a quarter of the area of a square image are half its side, at varied whole-pixel positions."""
     crop = augment.RandomResizedCrop(32, 32, scale=(0.25, 0.25), ratio=(1.0, 1.0), seed=1)
     out = crop(ramp_images(256, 64, 64)).numpy()
-    spans, _ = box_sides(out)  # width fraction of each crop, about 0.5
-    assert spans.shape == (256,)
-    np.testing.assert_allclose(spans, 0.5, atol=0.05)
-    starts = out[:, 0, 0, 0]
-    assert starts.min() < 0.1 and starts.max() > 0.4  # positions vary
+    widths, heights = box_sides(out, 64, 64)
+    np.testing.assert_allclose(widths, 32, atol=1e-3)
+    np.testing.assert_allclose(heights, 32, atol=1e-3)
+    left = out[:, 0, 0, 0] * 63
+    np.testing.assert_allclose(left, np.round(left), atol=1e-3)  # whole pixels
+    assert left.min() < 5 and left.max() > 27  # positions vary over the 33 there are
 
 
 def test_crop_output_shape_and_inference_mode(rng):
@@ -47,23 +53,23 @@ def test_crop_output_shape_and_inference_mode(rng):
 
 
 def numpy_inception_box(draws, offset, height, width, scale, ratio):
-    """torchvision's RandomResizedCrop.get_params, one image at a time, on given draws (sides unrounded)."""
+    """torchvision's RandomResizedCrop.get_params, one image at a time, on given draws: (top, left, h, w)."""
     for area_draw, ratio_draw in draws:
-        area = height * width * (scale[0] + (scale[1] - scale[0]) * area_draw)
-        box_ratio = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * ratio_draw)
-        w, h = np.sqrt(area * box_ratio), np.sqrt(area / box_ratio)
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * float(area_draw))
+        log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+        box_ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(ratio_draw))
+        w, h = int(round(np.sqrt(area * box_ratio))), int(round(np.sqrt(area / box_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            top, left = offset[0] * (height - h), offset[1] * (width - w)
-            return np.array([top / height, left / width, (top + h) / height, (left + w) / width])
+            # torch.randint(0, n) on a uniform draw u: floor(u * n)
+            return np.array([int(offset[0] * (height - h + 1)), int(offset[1] * (width - w + 1)), h, w])
     in_ratio = width / height
     if in_ratio < min(ratio):
-        w, h = width, width / min(ratio)
+        w, h = width, int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
-        w, h = height * max(ratio), height
+        w, h = int(round(height * max(ratio))), height
     else:
         w, h = width, height
-    top, left = (height - h) / 2, (width - w) / 2
-    return np.array([top / height, left / width, (top + h) / height, (left + w) / width])
+    return np.array([(height - h) // 2, (width - w) // 2, h, w])
 
 
 @pytest.mark.parametrize("height, width, scale, ratio", [
@@ -73,35 +79,71 @@ def numpy_inception_box(draws, offset, height, width, scale, ratio):
     (10, 40, (0.5, 1.0), (0.5, 2.0)),         # no draw fits this wide image: every crop is the narrowed centre
     (16, 16, (0.9, 1.0), (0.25, 4.0)),        # few draws fit: many images take the centre crop
     (16, 16, (1.0, 1.0), (1.0, 1.0)),         # every draw is the whole image
+    (5, 7, (0.01, 0.05), (3 / 4, 4 / 3)),     # boxes that round to 0 or 1 pixel
 ])
 def test_crop_boxes_match_torchvision_loop(rng, height, width, scale, ratio):
     draws = rng.uniform(size=(300, 10, 2)).astype(np.float32)
     offsets = rng.uniform(size=(300, 2)).astype(np.float32)
-    boxes = augment.inception_crop_boxes(draws, offsets, width / height, scale, ratio).numpy()
+    boxes = augment.inception_crop_boxes(draws, offsets, height, width, scale, ratio).numpy()
     expected = np.stack([numpy_inception_box(d, o, height, width, scale, ratio) for d, o in zip(draws, offsets)])
-    np.testing.assert_allclose(boxes, expected, atol=2e-6)
-    assert boxes.min() >= -1e-6 and boxes.max() <= 1 + 1e-6
+    np.testing.assert_array_equal(boxes, expected)
+    assert (boxes[:, 2:] >= 1).all() and (boxes[:, 0] + boxes[:, 2] <= height).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= width).all()
+
+
+def numpy_resized_crop(image, box, out_h, out_w, interpolation):
+    """torch's interpolate (align_corners=False) of one pixel box, written out sample by sample."""
+    top, left, h, w = box
+    crop = image[top:top + h, left:left + w].astype(np.float64)
+    out = np.zeros((out_h, out_w, image.shape[-1]))
+    for i in range(out_h):
+        for j in range(out_w):
+            if interpolation == "nearest":
+                out[i, j] = crop[min(int(np.floor(i * h / out_h)), h - 1), min(int(np.floor(j * w / out_w)), w - 1)]
+                continue
+            y = max((i + 0.5) * h / out_h - 0.5, 0.0)  # torch clamps a negative source index to 0
+            x = max((j + 0.5) * w / out_w - 0.5, 0.0)
+            y0, x0 = int(y), int(x)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            dy, dx = y - y0, x - x0
+            out[i, j] = ((1 - dy) * (1 - dx) * crop[y0, x0] + (1 - dy) * dx * crop[y0, x1]
+                         + dy * (1 - dx) * crop[y1, x0] + dy * dx * crop[y1, x1])
+    return out
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("out_h, out_w", [(9, 9), (4, 6), (13, 3), (1, 1)])
+def test_resized_crops_match_torch_sampling(rng, interpolation, out_h, out_w):
+    """Boxes resized up and down, at the edges, one pixel wide, the whole image, and extreme pixel values."""
+    images = rng.uniform(size=(6, 11, 8, 2)).astype(np.float32)
+    images[1] = 0.0
+    images[1, :, -1] = 1.0  # a bright last column: clamping must read it, not a zero beyond the edge
+    images[2] = rng.choice([0.0, 1.0], size=(11, 8, 2))
+    boxes = np.array([[0, 0, 11, 8], [0, 5, 11, 3], [3, 2, 1, 1], [10, 7, 1, 1], [2, 1, 9, 4], [0, 0, 5, 8]])
+    out = augment.resized_crops(images, boxes, out_h, out_w, interpolation).numpy()
+    expected = np.stack([numpy_resized_crop(im, box, out_h, out_w, interpolation) for im, box in zip(images, boxes)])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_crop_redraws_boxes_that_do_not_fit():
     """The layer's crops have torchvision's area distribution (boxes redrawn), not the shrunk boxes' larger one."""
     crop = augment.RandomResizedCrop(8, 8, scale=(0.2, 1.0), seed=0)
-    width, height = box_sides(crop(ramp_images(4000, 101, 101)).numpy())
-    area = width * height
+    width, height = box_sides(crop(ramp_images(4000, 101, 101)).numpy(), 101, 101)
+    area = width * height / 101 ** 2
     rng = np.random.default_rng(0)
-    reference = [np.prod(np.diff(numpy_inception_box(rng.uniform(size=(10, 2)), rng.uniform(size=2), 101, 101,
-                                                     (0.2, 1.0), (3 / 4, 4 / 3)).reshape(2, 2), axis=0))
-                 for _ in range(4000)]
+    reference = [np.prod(numpy_inception_box(rng.uniform(size=(10, 2)), rng.uniform(size=2), 101, 101,
+                                             (0.2, 1.0), (3 / 4, 4 / 3))[2:]) / 101 ** 2 for _ in range(4000)]
     assert abs(area.mean() - np.mean(reference)) < 0.02  # about 0.54; shrinking the boxes gives 0.59
-    assert np.abs(np.log(width / height)).max() <= np.log(4 / 3) + 1e-3  # no box bent outside the ratio range
+    np.testing.assert_allclose(width, np.round(width), atol=1e-2)  # whole pixels
+    assert np.abs(np.log(width / height)).max() <= np.log(4 / 3) + 0.03  # no box bent outside the ratio range
 
 
 @pytest.mark.parametrize("height, width", [(24, 96), (96, 24)])
 def test_crop_ratio_is_in_pixels(height, width):
     """On a non-square image a ratio-1 crop is square in pixels, so its sides are unequal fractions of the image."""
     crop = augment.RandomResizedCrop(6, 6, scale=(0.05, 0.2), ratio=(1.0, 1.0), seed=0)
-    width_fraction, height_fraction = box_sides(crop(ramp_images(64, height, width)).numpy())
-    np.testing.assert_allclose(width_fraction / height_fraction, height / width, rtol=1e-3)
+    box_width, box_height = box_sides(crop(ramp_images(64, height, width)).numpy(), height, width)
+    np.testing.assert_allclose(box_width, box_height, atol=1e-2)
 
 
 @pytest.mark.parametrize("kwargs", [dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)), dict(ratio=(2.0, 1.0)),
