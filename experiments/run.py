@@ -151,6 +151,29 @@ def on_signal(signum, frame):
     raise RunInterrupted(signum)
 
 
+class signals_deferred:
+    """SIGINT/SIGTERM inside the block stop the run at its end, not mid-way.
+
+    For TensorFlow's SavedModel writing: an exception raised inside its graph
+    building unwinds through scopes that then fail with their own error
+    ("Exiting device scope without proper scope nesting"), a traceback in place
+    of the interruption's message. The block takes seconds.
+    """
+
+    def __enter__(self):
+        import signal
+        self.pending = []
+        self.previous = {signum: signal.signal(signum, lambda signum, frame: self.pending.append(signum))
+                         for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *error):
+        import signal
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.pending and error[0] is None:
+            raise RunInterrupted(self.pending[0])
+
+
 class OutputLock:
     """One run per output folder: an exclusive `flock` on OUT/.lock, held while the run lives.
 
@@ -591,10 +614,10 @@ def train_and_evaluate(config, method, crop, drops, resuming):
 
     if config.export:
         STAGE["now"] = "export"
-        with callbacks.writing(os.path.join(out, "saved_model")):
+        with signals_deferred(), callbacks.writing(os.path.join(out, "saved_model")):
             export.export_saved_model(model, os.path.join(out, "saved_model"))
         temporary = os.path.join(out, "model.tmp.keras")
-        with callbacks.writing(os.path.join(out, "model.keras")):
+        with signals_deferred(), callbacks.writing(os.path.join(out, "model.keras")):
             try:
                 model.save(temporary)
                 os.replace(temporary, os.path.join(out, "model.keras"))
